@@ -1,0 +1,1 @@
+"""Presets: model configurations by name (installed as `illada_jax.configs`)."""

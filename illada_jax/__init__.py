@@ -1,0 +1,24 @@
+"""illada-jax: the iLLaDA / LLaDA masked-diffusion language models in JAX.
+
+Public API:
+  ModelConfig, get_preset, init_params, forward, param_count,
+  abstract_params, param_shardings, make_mesh, Transformer
+"""
+
+from illada_jax.config import ModelConfig
+from illada_jax.model import (Transformer, abstract_params, forward, init_params,
+                              param_count, param_shardings)
+from illada_jax.sharding import make_mesh
+
+
+def get_preset(name: str) -> ModelConfig:
+  """The preset `name` from `configs/models.py` (e.g. 'illada_8b', 'illada_tiny')."""
+  from illada_jax.configs import models
+  try:
+    return models.PRESETS[name]
+  except KeyError:
+    raise ValueError(f'unknown preset {name!r}; have {sorted(models.PRESETS)}') from None
+
+
+__all__ = ['ModelConfig', 'Transformer', 'abstract_params', 'forward', 'get_preset',
+           'init_params', 'make_mesh', 'param_count', 'param_shardings']

@@ -1,0 +1,263 @@
+"""`ModelConfig`: one frozen dataclass that describes iLLaDA, LLaDA and any small size.
+
+The two checkpoint families differ only in data (KV heads, MLP width, vocabulary,
+tying, token ids, RoPE theta, norm eps), never in code paths; see SPEC §1.
+`ModelConfig.from_hf` reads both Hugging Face `config.json` dialects and refuses
+anything the model does not implement rather than computing something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ('xla',)  # the kernel package adds 'pallas' and 'splash'
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_qkv_attn')
+FAMILIES = ('illada', 'llada')
+_DTYPES = ('bfloat16', 'float32', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture, token ids and execution choices of a masked-diffusion LM.
+
+  Dimensions follow nanodo's one-letter convention in hot code:
+  `N` layers, `D` d_model, `H` heads, `K` kv heads, `Dh` head dim, `F` MLP
+  hidden, `V` vocabulary.
+  """
+
+  family: str = 'illada'  # checkpoint naming: 'illada' (Llama) or 'llada' (OLMo)
+  num_layers: int = 32  # N
+  d_model: int = 4096  # D
+  num_heads: int = 32  # H
+  num_kv_heads: int = 8  # K; H % K == 0, query head h reads KV head h // (H // K)
+  head_dim: int = 128  # Dh
+  mlp_hidden: int = 14336  # F
+  vocab_size: int = 155136  # V
+  max_len: int = 8192  # longest sequence the model was trained for
+  tie_embeddings: bool = True  # LM head is embedding^T
+  rope_theta: float = 500000.0
+  norm_eps: float = 1e-6
+  mask_token_id: int = 5
+  bos_token_id: int = 0
+  eos_token_id: int = 2
+  pad_token_id: int = 1
+  eot_token_id: int | None = None  # end-of-turn (LLaDA chat); None if absent
+  param_dtype: str = 'bfloat16'  # storage dtype of the parameters
+  compute_dtype: str = 'bfloat16'  # activations and matmul inputs
+  attention_impl: str = 'xla'  # one of ATTENTION_IMPLS
+  remat_policy: str = 'full'  # one of REMAT_POLICIES; applied per layer
+  scan_layers: bool = True  # layers run under nn.scan, params get a leading N axis
+
+  def __post_init__(self):
+    def need(ok: bool, field: str, msg: str):
+      if not ok:
+        raise ValueError(f'ModelConfig.{field}: {msg}')
+
+    need(self.family in FAMILIES, 'family', f'{self.family!r} not in {FAMILIES}')
+    for f in ('num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim',
+              'mlp_hidden', 'vocab_size', 'max_len'):
+      need(int(getattr(self, f)) > 0, f, f'must be positive, got {getattr(self, f)}')
+    need(self.num_heads % self.num_kv_heads == 0, 'num_kv_heads',
+         f'{self.num_kv_heads} does not divide num_heads={self.num_heads}')
+    need(self.head_dim % 2 == 0, 'head_dim', f'RoPE needs an even head_dim, got {self.head_dim}')
+    need(self.param_dtype in _DTYPES, 'param_dtype', f'{self.param_dtype!r} not in {_DTYPES}')
+    need(self.compute_dtype in _DTYPES, 'compute_dtype', f'{self.compute_dtype!r} not in {_DTYPES}')
+    need(self.attention_impl in ATTENTION_IMPLS, 'attention_impl',
+         f'{self.attention_impl!r} not in {ATTENTION_IMPLS}')
+    need(self.remat_policy in REMAT_POLICIES, 'remat_policy',
+         f'{self.remat_policy!r} not in {REMAT_POLICIES}')
+    for f in ('mask_token_id', 'bos_token_id', 'eos_token_id', 'pad_token_id', 'eot_token_id'):
+      v = getattr(self, f)
+      need(v is None or 0 <= v < self.vocab_size, f, f'{v} outside [0, {self.vocab_size})')
+
+  # -- derived ---------------------------------------------------------------
+  @property
+  def group_size(self) -> int:
+    """Query heads per KV head (G)."""
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.compute_dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> 'ModelConfig':
+    return dataclasses.replace(self, **changes)
+
+  # -- serialisation ---------------------------------------------------------
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'ModelConfig: unknown fields {unknown}')
+    return cls(**d)
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> 'ModelConfig':
+    """Reads a Hugging Face `config.json` dict of either family (SPEC §1).
+
+    iLLaDA uses Llama keys (`model_type` "illada"; "llama" is accepted too),
+    LLaDA uses OLMo keys (`model_type` "llada"). Anything the model does not
+    implement (rope scaling, biases, LayerNorm, other activations, ...) raises
+    ValueError naming the key. `overrides` set execution fields such as
+    `param_dtype` or `attention_impl`.
+    """
+    model_type = hf.get('model_type')
+    if model_type in ('illada', 'llama'):
+      cfg = _from_llama_keys(hf)
+    elif model_type == 'llada':
+      cfg = _from_olmo_keys(hf)
+    else:
+      raise ValueError(
+          f'config.json: model_type={model_type!r} is not supported '
+          "(expected 'illada', 'llama' or 'llada')")
+    return cls(**{**cfg, **overrides})
+
+  @classmethod
+  def from_hf_file(cls, path: str | os.PathLike, **overrides) -> 'ModelConfig':
+    with open(path) as f:
+      try:
+        hf = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from None
+    try:
+      return cls.from_hf(hf, **overrides)
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
+
+  def to_hf(self) -> dict[str, Any]:
+    """The `config.json` dict of this config's family (inverse of `from_hf`)."""
+    if self.family == 'illada':
+      d = {
+          'architectures': ['ILLaDAForCausalLM'], 'model_type': 'illada',
+          'hidden_size': self.d_model, 'num_hidden_layers': self.num_layers,
+          'num_attention_heads': self.num_heads,
+          'num_key_value_heads': self.num_kv_heads, 'head_dim': self.head_dim,
+          'intermediate_size': self.mlp_hidden, 'vocab_size': self.vocab_size,
+          'max_position_embeddings': self.max_len, 'rope_theta': self.rope_theta,
+          'rms_norm_eps': self.norm_eps, 'tie_word_embeddings': self.tie_embeddings,
+          'hidden_act': 'silu', 'attention_bias': False, 'mlp_bias': False,
+          'rope_scaling': None, 'mask_token_id': self.mask_token_id,
+          'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
+          'pad_token_id': self.pad_token_id, 'torch_dtype': self.param_dtype,
+      }
+    else:
+      d = {
+          'architectures': ['LLaDAModelLM'], 'model_type': 'llada',
+          'd_model': self.d_model, 'n_layers': self.num_layers,
+          'n_heads': self.num_heads, 'n_kv_heads': self.num_kv_heads,
+          'mlp_hidden_size': self.mlp_hidden, 'embedding_size': self.vocab_size,
+          'vocab_size': self.vocab_size, 'max_sequence_length': self.max_len,
+          'rope_theta': self.rope_theta, 'rms_norm_eps': self.norm_eps,
+          'weight_tying': self.tie_embeddings, 'include_bias': False,
+          'layer_norm_type': 'rms', 'activation_type': 'silu', 'rope': True,
+          'alibi': False, 'block_type': 'llama', 'mask_token_id': self.mask_token_id,
+          'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
+          'pad_token_id': self.pad_token_id, 'torch_dtype': self.param_dtype,
+      }
+      if self.d_model // self.num_heads != self.head_dim:
+        raise ValueError(f'LLaDA layout needs head_dim == d_model / n_heads, got {self.head_dim}')
+    if self.eot_token_id is not None:
+      d['eot_token_id'] = self.eot_token_id
+    return d
+
+
+def _refuse(hf: Mapping[str, Any], key: str, allowed, what: str):
+  """Raises if `hf[key]` is present and not one of `allowed`."""
+  if key in hf and hf[key] not in allowed:
+    raise ValueError(f'config.json: {key}={hf[key]!r} is not supported ({what})')
+
+
+def _require(hf: Mapping[str, Any], key: str):
+  if key not in hf:
+    raise ValueError(f'config.json: required key {key!r} is missing')
+  return hf[key]
+
+
+def _first_id(v):
+  """`eos_token_id` may be an int or a list of ints; the first is the EOS."""
+  if isinstance(v, (list, tuple)):
+    return int(v[0]) if v else None
+  return None if v is None else int(v)
+
+
+def _token_ids(hf: Mapping[str, Any], defaults: Mapping[str, int | None]) -> dict[str, Any]:
+  out = {}
+  for field in ('mask_token_id', 'bos_token_id', 'eos_token_id', 'pad_token_id', 'eot_token_id'):
+    v = _first_id(hf.get(field))
+    out[field] = defaults[field] if v is None else v
+  return out
+
+
+def _from_llama_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
+  _refuse(hf, 'rope_scaling', (None,), 'RoPE scaling is not implemented')
+  _refuse(hf, 'attention_bias', (False, None), 'the model has no biases')
+  _refuse(hf, 'mlp_bias', (False, None), 'the model has no biases')
+  _refuse(hf, 'hidden_act', ('silu', 'swish', None), 'the MLP is SwiGLU')
+  _refuse(hf, 'attention_dropout', (0, 0.0, None), 'dropout is not implemented')
+  _refuse(hf, 'is_causal', (False, None), 'attention is bidirectional')
+  d = int(_require(hf, 'hidden_size'))
+  h = int(_require(hf, 'num_attention_heads'))
+  return {
+      'family': 'illada',
+      'num_layers': int(_require(hf, 'num_hidden_layers')),
+      'd_model': d,
+      'num_heads': h,
+      'num_kv_heads': int(hf.get('num_key_value_heads') or h),
+      'head_dim': int(hf.get('head_dim') or d // h),
+      'mlp_hidden': int(_require(hf, 'intermediate_size')),
+      'vocab_size': int(_require(hf, 'vocab_size')),
+      'max_len': int(hf.get('max_position_embeddings', 8192)),
+      'tie_embeddings': bool(hf.get('tie_word_embeddings', True)),
+      'rope_theta': float(hf.get('rope_theta', 10000.0)),
+      'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
+      **_token_ids(hf, {'mask_token_id': 5, 'bos_token_id': 0, 'eos_token_id': 2,
+                        'pad_token_id': 1, 'eot_token_id': None}),
+  }
+
+
+def _from_olmo_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
+  _refuse(hf, 'rope_scaling', (None,), 'RoPE scaling is not implemented')
+  _refuse(hf, 'include_bias', (False, None), 'the model has no biases')
+  _refuse(hf, 'bias_for_layer_norm', (False, None), 'the model has no biases')
+  _refuse(hf, 'layer_norm_type', ('rms', None), 'only RMSNorm is implemented')
+  _refuse(hf, 'layer_norm_with_affine', (True, None), 'RMSNorm has a weight')
+  _refuse(hf, 'activation_type', ('silu', 'swiglu', None), 'the MLP is SwiGLU')
+  _refuse(hf, 'block_type', ('llama', None), 'only the Llama block is implemented')
+  _refuse(hf, 'alibi', (False, None), 'ALiBi is not implemented')
+  _refuse(hf, 'rope', (True, None), 'the model uses RoPE')
+  _refuse(hf, 'attention_layer_norm', (False, None), 'QK norm is not implemented')
+  _refuse(hf, 'clip_qkv', (None,), 'QKV clipping is not implemented')
+  _refuse(hf, 'scale_logits', (False, None), 'logit scaling is not implemented')
+  _refuse(hf, 'multi_query_attention', (None, False), 'use n_kv_heads')
+  d = int(_require(hf, 'd_model'))
+  h = int(_require(hf, 'n_heads'))
+  return {
+      'family': 'llada',
+      'num_layers': int(_require(hf, 'n_layers')),
+      'd_model': d,
+      'num_heads': h,
+      'num_kv_heads': int(hf.get('n_kv_heads') or h),
+      'head_dim': d // h,
+      'mlp_hidden': int(_require(hf, 'mlp_hidden_size')),
+      'vocab_size': int(hf.get('embedding_size') or _require(hf, 'vocab_size')),
+      'max_len': int(hf.get('max_sequence_length', 4096)),
+      'tie_embeddings': bool(hf.get('weight_tying', False)),
+      'rope_theta': float(hf.get('rope_theta', 10000.0)),
+      'norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
+      **_token_ids(hf, {'mask_token_id': 126336, 'bos_token_id': 126080,
+                        'eos_token_id': 126081, 'pad_token_id': 126081,
+                        'eot_token_id': 126348}),
+  }

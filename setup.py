@@ -1,0 +1,40 @@
+"""illada-jax: iLLaDA / LLaDA masked-diffusion LMs in JAX + Flax Linen.
+
+Pinned to the newest set that installs on Python 3.11 (jax 0.10.2, flax 0.12.8).
+"""
+
+from setuptools import setup
+
+setup(
+    name='illada-jax',
+    version='0.1.0',
+    description='iLLaDA / LLaDA masked-diffusion language models in JAX',
+    python_requires='>=3.11',
+    packages=['illada_jax', 'illada_jax.configs'],
+    package_dir={'illada_jax': 'illada_jax', 'illada_jax.configs': 'configs'},
+    install_requires=[
+        'jax==0.10.2',
+        'jaxlib==0.10.2',
+        'flax==0.12.8',
+        'optax==0.2.8',
+        'orbax-checkpoint==0.12.8',
+        'grain==0.2.18',
+        'sentencepiece==0.2.3',
+        'tensorstore==0.1.86',
+        'safetensors==0.8.0',
+        'numpy>=2.0,<2.5',
+        'tqdm>=4.66',
+    ],
+    extras_require={
+        # torch 2.13.0 (CPU) is the wheel this machine carries; transformers
+        # provides the independent Llama reference for the logits tests.
+        'test': ['pytest==9.2.0', 'torch==2.13.0', 'transformers>=4.50,<6'],
+        # libtpu as pinned by jax[tpu]==0.10.2: compile-only TPU checks on CPU.
+        'tpu': ['jax[tpu]==0.10.2'],
+    },
+    entry_points={
+        'console_scripts': [
+            'illada-forward=illada_jax.cli.forward:main',
+        ],
+    },
+)
