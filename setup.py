@@ -3,14 +3,14 @@
 Pinned to the newest set that installs on Python 3.11 (jax 0.10.2, flax 0.12.8).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name='illada-jax',
     version='0.1.0',
     description='iLLaDA / LLaDA masked-diffusion language models in JAX',
     python_requires='>=3.11',
-    packages=['illada_jax', 'illada_jax.configs'],
+    packages=find_packages(include=['illada_jax', 'illada_jax.*']) + ['illada_jax.configs'],
     package_dir={'illada_jax': 'illada_jax', 'illada_jax.configs': 'configs'},
     install_requires=[
         'jax==0.10.2',
@@ -28,13 +28,23 @@ setup(
     extras_require={
         # torch 2.13.0 (CPU) is the wheel this machine carries; transformers
         # provides the independent Llama reference for the logits tests.
-        'test': ['pytest==9.2.0', 'torch==2.13.0', 'transformers>=4.50,<6'],
+        'test': [
+            'pytest==9.2.0', 'torch==2.13.0', 'transformers>=4.50,<6',
+            'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29', 'matplotlib>=3.8',
+        ],
+        # lm-evaluation-harness adapter (model name `illada_jax`).
+        'eval': ['lm-eval>=0.4.5,<0.5'],
         # libtpu as pinned by jax[tpu]==0.10.2: compile-only TPU checks on CPU.
         'tpu': ['jax[tpu]==0.10.2'],
     },
     entry_points={
         'console_scripts': [
             'illada-forward=illada_jax.cli.forward:main',
+            'illada-convert=illada_jax.cli.convert:main',
+            'illada-sample=illada_jax.cli.sample:main',
+            'illada-score=illada_jax.cli.score:main',
+            'illada-train=illada_jax.cli.train:main',
+            'illada-demo=illada_jax.cli.demo:main',
         ],
     },
 )

@@ -1,0 +1,1 @@
+"""Thin command-line layers over library functions."""
