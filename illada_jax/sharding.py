@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -103,9 +103,12 @@ def make_mesh(shape: str | Mapping[str, int] | None = None, devices=None) -> Mes
     raise ValueError(f'mesh: {sizes} needs {math.prod(sizes.values())} devices, '
                      f'have {len(devices)}')
   dims = tuple(sizes[a] for a in MESH_AXES)
+  # Auto axes: shardings propagate through the model by GSPMD from the
+  # parameters and the logical constraints, not through explicit types.
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if devices == list(jax.devices()):
-    return jax.make_mesh(dims, MESH_AXES, devices=devices)
-  return Mesh(np.asarray(devices).reshape(dims), MESH_AXES)
+    return jax.make_mesh(dims, MESH_AXES, devices=devices, axis_types=axis_types)
+  return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=axis_types)
 
 
 def param_shardings(logical_tree, mesh: Mesh, rules=RULES):
