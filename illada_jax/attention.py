@@ -9,9 +9,15 @@ All implementations share one contract:
   returns [B, L, H, Dh] in the dtype of q
 
 Query head h reads KV head h // (H // K). There is no causal mask.
+
+Implementations: 'xla' (below, the reference), 'pallas' (own flash kernels:
+TPU, GPU, interpret mode on CPU) and 'splash' (jax's TPU splash attention);
+see illada_jax/kernels and docs/kernels.md.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +51,13 @@ def xla_attention(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None):
 
 _IMPLS = {'xla': xla_attention}
 
+# Kernel implementations, imported on first use so that importing the model
+# does not import Pallas: name -> (module, attribute).
+_LAZY = {
+    'pallas': ('illada_jax.kernels.dispatch', 'pallas_attention'),
+    'splash': ('illada_jax.kernels.dispatch', 'splash_attention'),
+}
+
 
 def register(name: str, fn) -> None:
   """Adds an attention implementation under `name` (used by kernel packages)."""
@@ -53,6 +66,9 @@ def register(name: str, fn) -> None:
 
 def attention(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None, *, impl: str = 'xla'):
   """Dispatches to the implementation named by `impl` (see module docstring)."""
+  if impl not in _IMPLS and impl in _LAZY:
+    module, attr = _LAZY[impl]
+    register(impl, getattr(importlib.import_module(module), attr))
   try:
     fn = _IMPLS[impl]
   except KeyError:

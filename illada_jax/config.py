@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ('xla',)  # the kernel package adds 'pallas' and 'splash'
+ATTENTION_IMPLS = ('xla', 'pallas', 'splash')  # see illada_jax/attention.py
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_qkv_attn')
 FAMILIES = ('illada', 'llada')
 _DTYPES = ('bfloat16', 'float32', 'float16')
