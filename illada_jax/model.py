@@ -233,7 +233,10 @@ class Embedder(nn.Module):
     self.embedding = _param(self, 'embedding', (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
 
   def encode(self, tokens_BL):
-    return jnp.take(self.embedding, tokens_BL, axis=0).astype(self.cfg.dtype)
+    # Gather from a table sharded over vocab only (FSDP all-gathers the model
+    # dim as for any weight); each vocab shard fills its rows and SPMD sums.
+    table_VD = sharding.constrain(self.embedding, ('vocab', None))
+    return jnp.take(table_VD, tokens_BL, axis=0).astype(self.cfg.dtype)
 
   def decode(self, x_BLD):
     return jnp.einsum('bld,vd->blv', x_BLD, self.embedding.astype(x_BLD.dtype),
