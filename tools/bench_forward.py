@@ -1,0 +1,87 @@
+"""Forward-pass throughput and MFU on this machine.
+
+Measures, in the same run, (1) the peak matmul throughput of this CPU in
+float32 and bfloat16 (a large square jitted matmul) and (2) the throughput of
+a jitted forward pass of a preset, then prints one line per figure with the
+ratio to its peak (MFU). Model FLOPs count the matmuls: 2 * tokens *
+(matmul params incl. the LM head) + 4 * B * L^2 * H * Dh per layer
+(scores and values); norms, RoPE and softmax are not counted.
+
+  python tools/bench_forward.py [--preset illada_100m] [--batch 4] [--seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import illada_jax
+
+
+def best_seconds(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def matmul_peak(dtype, n: int, repeats: int) -> float:
+  """FLOP/s of an n x n x n matmul in `dtype` with float32 accumulation."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  return 2 * n ** 3 / best_seconds(mm, a, b, repeats=repeats)
+
+
+def model_flops(cfg, batch: int, seq_len: int) -> float:
+  d, h, k, dh, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                       cfg.mlp_hidden, cfg.vocab_size)
+  per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * f
+  tokens = batch * seq_len
+  matmuls = 2 * tokens * (cfg.num_layers * per_layer + d * v)
+  attention = cfg.num_layers * 4 * batch * seq_len ** 2 * h * dh
+  return matmuls + attention
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--preset', default='illada_100m')
+  p.add_argument('--batch', type=int, default=4)
+  p.add_argument('--seq-len', type=int, default=512)
+  p.add_argument('--dtypes', default='float32,bfloat16')
+  p.add_argument('--matmul-size', type=int, default=2048)
+  p.add_argument('--repeats', type=int, default=5)
+  args = p.parse_args(argv)
+
+  base = illada_jax.get_preset(args.preset).replace(remat_policy='none')
+  n_params = illada_jax.param_count(base)
+  flops = model_flops(base, args.batch, args.seq_len)
+  tokens = np.random.default_rng(0).integers(
+      0, base.vocab_size, (args.batch, args.seq_len)).astype(np.int32)
+  print(f'# {args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch} x '
+        f'{args.seq_len} tokens, {flops / 1e9:.1f} GFLOP per forward, '
+        f'{jax.device_count()} device(s) {jax.devices()[0].platform}')
+  for name in args.dtypes.split(','):
+    dtype = jnp.dtype(name)
+    peak = matmul_peak(dtype, args.matmul_size, args.repeats)
+    cfg = base.replace(param_dtype=name, compute_dtype=name)
+    params = illada_jax.init_params(cfg, jax.random.key(0))
+    seconds = best_seconds(lambda p, t: illada_jax.forward(cfg, p, t), params, tokens,
+                           repeats=args.repeats)
+    achieved = flops / seconds
+    print(f'matmul peak {name}: {peak / 1e9:.1f} GFLOP/s ({args.matmul_size}^3, best of '
+          f'{args.repeats})')
+    print(f'forward {name}: {args.batch * args.seq_len / seconds:.0f} tokens/s, '
+          f'{seconds * 1e3:.1f} ms, {achieved / 1e9:.1f} GFLOP/s, '
+          f'MFU {achieved / peak:.1%} of the {name} matmul peak')
+
+
+if __name__ == '__main__':
+  main()
