@@ -1,0 +1,56 @@
+"""`illada-convert`: Hugging Face safetensors <-> Orbax checkpoint directories.
+
+  illada-convert hf-to-orbax SRC_DIR DST_DIR [--dtype bfloat16|float32] [--mesh data=1,fsdp=8,tensor=1] [--overwrite]
+  illada-convert orbax-to-hf SRC_DIR DST_DIR [--shard-size 5GB] [--overwrite]
+
+Exit status 0 on success, 2 on bad input or usage (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='illada-convert', description=__doc__.split('\n\n')[0])
+  sub = p.add_subparsers(dest='command', required=True)
+  a = sub.add_parser('hf-to-orbax', help='Hugging Face directory -> Orbax checkpoint directory')
+  a.add_argument('src', metavar='SRC_DIR')
+  a.add_argument('dst', metavar='DST_DIR')
+  a.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
+                 help='stored parameter dtype (default bfloat16)')
+  a.add_argument('--mesh', default=None,
+                 help="mesh the checkpoint will mostly be restored on, e.g. 'data=1,fsdp=8,tensor=1'; "
+                      'sets the read chunks to one device shard')
+  a.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
+  a.add_argument('--quiet', action='store_true', help='no progress bar')
+  b = sub.add_parser('orbax-to-hf', help='Orbax checkpoint directory -> Hugging Face directory')
+  b.add_argument('src', metavar='SRC_DIR')
+  b.add_argument('dst', metavar='DST_DIR')
+  b.add_argument('--shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
+  b.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
+  b.add_argument('--quiet', action='store_true', help='no progress bar')
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  from illada_jax import convert  # after parsing: --help stays fast
+  try:
+    if args.command == 'hf-to-orbax':
+      cfg = convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh,
+                                overwrite=args.overwrite, progress=not args.quiet)
+    else:
+      cfg = convert.orbax_to_hf(args.src, args.dst, shard_size=args.shard_size,
+                                overwrite=args.overwrite, progress=not args.quiet)
+  except convert.ConversionError as e:
+    print(f'illada-convert: error: {e}', file=sys.stderr)
+    return 2
+  print(f'illada-convert: wrote {args.dst} ({cfg.family}, {cfg.num_layers} layers, '
+        f'd_model {cfg.d_model})', file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
