@@ -1,0 +1,523 @@
+"""The training loop: one jitted, donated step over a sharded state, Orbax checkpoints.
+
+  state = {'step': int32 [], 'params': Params, 'opt_state': optax state}
+
+`make_train_step` builds a pure `(state, batch) -> (state, metrics)`:
+the global batch `[B, L]` is split into `grad_accum` micro-batches that a
+`lax.scan` runs one after another, summing float32 gradients; the update is
+applied once. The noise key of step s is `fold_in(key(seed), s)`, so a
+resumed run draws exactly the masks an uninterrupted one would.
+
+`train(cfg)` runs the loop: Grain data, metrics on a tqdm bar and in
+TensorBoard event files (plus `metrics.jsonl`), periodic eval, async
+Orbax checkpoints every `checkpoint_every` steps (keep-N). A step directory
+holds the items `params` (converter-compatible: `load_checkpoint` of
+`illada_jax.checkpoint` reads `<dir>/<step>` once its `model_config.json` is
+written), `opt_state`, `meta` (step) and `data` (per-process Grain iterator
+state). SIGTERM saves and returns; a non-finite loss raises before any
+checkpoint of the bad state is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from illada_jax import data as data_lib
+from illada_jax import loss as loss_lib
+from illada_jax import model as model_lib
+from illada_jax import optimizer as opt_lib
+from illada_jax import sharding
+from illada_jax.config import ModelConfig
+from illada_jax.configs import models as presets
+
+BATCH_AXES = ('data', 'fsdp')
+CONFIG_FILE = 'model_config.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run needs. Config files define one as `CONFIG`."""
+  model: ModelConfig = presets.ILLADA_TINY
+  objective: str = 'pretrain'  # 'pretrain' or 'sft' (SPEC §4)
+  data: data_lib.DataConfig = data_lib.DataConfig()
+  optimizer: opt_lib.OptimizerConfig = opt_lib.OptimizerConfig()
+  batch_size: int = 32  # global rows per optimizer step
+  grad_accum: int = 1  # micro-batches per step; batch_size % grad_accum == 0
+  seq_len: int = 256  # L
+  steps: int = 1000  # optimizer steps of the run
+  seed: int = 0
+  mesh: str = 'data=1,fsdp=-1,tensor=1'  # see sharding.parse_mesh_shape
+  eps: float = 1e-3  # minimum masking probability
+  random_length_prob: float = 0.01  # pre-training only
+  loss_chunk: int = 512  # sequence positions per LM-head/CE chunk
+  workdir: str = '/tmp/illada_run'
+  log_every: int = 10
+  eval_every: int = 0  # 0 = no periodic eval
+  eval_batches: int = 4
+  checkpoint_every: int = 500  # 0 = only at the end / on SIGTERM
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  peak_flops_per_device: float = 0.0  # 0 = guess from the device kind (MFU estimate)
+  progress_bar: bool = True
+
+
+# -- state and step ----------------------------------------------------------------
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def state_shardings(cfg: TrainConfig, mesh, tx: optax.GradientTransformation):
+  """(abstract state with shardings, sharding pytree) for `mesh`."""
+  p_abs = model_lib.abstract_params(cfg.model, mesh)
+  p_shard = jax.tree.map(lambda x: x.sharding, p_abs)
+  o_abs = jax.eval_shape(tx.init, p_abs)
+  replicated = NamedSharding(mesh, P())
+  o_shard = optax.tree_map_params(
+      tx, lambda _, s: s, o_abs, p_shard, transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  shard = {'step': replicated, 'params': p_shard, 'opt_state': o_shard}
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': p_abs, 'opt_state': o_abs}, shard)
+  return abstract, shard
+
+
+def init_state(cfg: TrainConfig, mesh, tx):
+  """A fresh, sharded train state (params from `key(seed)`)."""
+  _, shard = state_shardings(cfg, mesh, tx)
+
+  def init(key):
+    params = model_lib.Transformer(cfg.model).init(key, jnp.zeros((1, 1), jnp.int32))['params']
+    params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
+                          is_leaf=lambda x: hasattr(x, 'value'))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  return jax.jit(init, out_shardings=shard)(jax.random.key(cfg.seed))
+
+
+def loss_fn(cfg: TrainConfig, params, batch, key):
+  """Scalar loss and metrics of one micro-batch (`batch['tokens']` `[b, L]`)."""
+  if cfg.objective == 'pretrain':
+    return loss_lib.pretrain_loss(cfg.model, params, batch['tokens'], key, eps=cfg.eps,
+                                  random_length_prob=cfg.random_length_prob,
+                                  chunk=cfg.loss_chunk)
+  if cfg.objective == 'sft':
+    return loss_lib.sft_loss(cfg.model, params, batch['tokens'], batch['response_mask'], key,
+                             eps=cfg.eps, chunk=cfg.loss_chunk)
+  raise ValueError(f'objective={cfg.objective!r}; use pretrain or sft')
+
+
+def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, mesh):
+  """`(state, batch) -> (state, metrics)`, pure; jit it with `jit_train_step`."""
+  schedule = opt_lib.learning_rate_schedule(cfg.optimizer)
+  accum = cfg.grad_accum
+
+  def step_fn(state, batch):
+    with sharding.activation_sharding(mesh):
+      params = state['params']
+      key = jax.random.fold_in(jax.random.key(cfg.seed), state['step'])
+      # Row r goes to micro-batch r % accum, so every micro-batch keeps the
+      # batch sharding of the global batch.
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+          batch)
+      micro = jax.tree.map(
+          lambda x: jax.lax.with_sharding_constraint(
+              x, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 2))))), micro)
+      grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(cfg, p, b, k), has_aux=True)
+
+      def body(carry, xs):
+        grads_acc, metrics_acc = carry
+        i, mb = xs
+        (_, metrics), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+        return (grads_acc, metrics_acc), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      m0 = {k: jnp.zeros((), jnp.float32)
+            for k in ('loss', 'masked_tokens', 'masked_accuracy', 'masked_ce')}
+      (grads, metrics), _ = jax.lax.scan(body, (zeros, m0), (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
+      metrics = {k: v / accum for k, v in metrics.items()}
+      metrics['masked_tokens'] = metrics['masked_tokens'] * accum
+      metrics['grad_norm'] = optax.global_norm(grads)
+      metrics['lr'] = schedule(state['step'])
+      updates, opt_state = tx.update(grads, state['opt_state'], params)
+      params = optax.apply_updates(params, updates)
+      return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+  return step_fn
+
+
+def jit_train_step(cfg: TrainConfig, tx, mesh):
+  """The jitted, donated train step with explicit shardings (also used for AOT)."""
+  _, shard = state_shardings(cfg, mesh, tx)
+  bs = batch_sharding(mesh)
+  batch_shard = {'tokens': bs, 'response_mask': bs} if cfg.objective == 'sft' else {'tokens': bs}
+  return jax.jit(make_train_step(cfg, tx, mesh), in_shardings=(shard, batch_shard),
+                 out_shardings=(shard, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def make_eval_step(cfg: TrainConfig, mesh):
+  """`(params, batch, index) -> loss` with a fixed key per eval batch index."""
+  def eval_fn(params, batch, index):
+    with sharding.activation_sharding(mesh):
+      key = jax.random.fold_in(jax.random.key(cfg.seed + 1), index)
+      ecfg = dataclasses.replace(cfg, random_length_prob=0.0)
+      loss, metrics = loss_fn(ecfg, params, batch, key)
+      return metrics
+  return jax.jit(eval_fn)
+
+
+# -- flops ---------------------------------------------------------------------------
+
+_PEAK_FLOPS = {  # bf16 dense peak per chip
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v5': 459e12, 'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward, no remat): 6 N + attention."""
+  n = model_lib.param_count(cfg)
+  if cfg.tie_embeddings:
+    n -= 0  # the tied table is the LM head's matmul: counted once, lookup is free
+  else:
+    n -= cfg.vocab_size * cfg.d_model  # the embedding lookup does no matmul
+  attn = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+  return 6.0 * n + attn
+
+
+def peak_flops(device) -> float:
+  kind = getattr(device, 'device_kind', '')
+  for name, f in _PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return f
+  return 1e11  # a nominal CPU figure: MFU on CPU is only indicative
+
+
+# -- checkpoints ------------------------------------------------------------------
+
+def checkpoint_manager(cfg: TrainConfig) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpoints,
+      create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(cfg.workdir, 'checkpoints')),
+                               options=options)
+
+
+def _stamp_model_config(mngr: ocp.CheckpointManager, cfg: ModelConfig):
+  """Writes `model_config.json` into every finished step directory lacking one.
+
+  A finished step directory is then a checkpoint directory in the format of
+  `illada_jax.checkpoint` (params item + model_config.json).
+  """
+  if jax.process_index() != 0:
+    return
+  for step in mngr.all_steps():
+    path = os.path.join(str(mngr.directory), str(step), CONFIG_FILE)
+    if os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+      with open(path + '.tmp', 'w') as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+      os.replace(path + '.tmp', path)
+
+
+def save(mngr, state, data_iter, cfg: TrainConfig, *, force: bool = False):
+  _stamp_model_config(mngr, cfg.model)
+  step = int(jax.device_get(state['step']))
+  items = {
+      'params': ocp.args.StandardSave(state['params']),
+      'opt_state': ocp.args.StandardSave(state['opt_state']),
+      'meta': ocp.args.JsonSave({'step': step}),
+  }
+  if data_iter is not None:
+    items['data'] = data_lib.checkpoint_save_args(data_iter)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(mngr, step: int, abstract_state, data_iter):
+  items = {
+      'params': ocp.args.StandardRestore(abstract_state['params']),
+      'opt_state': ocp.args.StandardRestore(abstract_state['opt_state']),
+      'meta': ocp.args.JsonRestore(),
+  }
+  if data_iter is not None:
+    items['data'] = data_lib.checkpoint_restore_args(data_iter)
+  out = mngr.restore(step, args=ocp.args.Composite(**items))
+  state = {'step': jax.device_put(jnp.asarray(out['meta']['step'], jnp.int32),
+                                  abstract_state['step'].sharding),
+           'params': out['params'], 'opt_state': out['opt_state']}
+  return state
+
+
+# -- the loop ---------------------------------------------------------------------
+
+class _Stop:
+  """Set by SIGTERM; the loop saves at the next step boundary and returns."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Process-local rows -> one global array per key, sharded over the batch axes."""
+  bs = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(bs, np.asarray(v)) for k, v in batch.items()}
+
+
+class _Writer:
+  """TensorBoard (process 0 only) + metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.tb = None
+    self.jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      except ImportError:  # TensorBoard is optional
+        self.tb = None
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step: int, metrics: dict[str, float]):
+    if not self.enabled:
+      return
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+
+  def close(self):
+    if self.enabled:
+      if self.tb is not None:
+        self.tb.close()
+      self.jsonl.close()
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None,
+          data_iter: Iterator | None = None, eval_data: list | None = None,
+          on_log: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) training in `cfg.workdir`; returns a summary.
+
+  Args:
+    cfg: the run.
+    stop_after: stop (with a checkpoint) once this step is reached, as if
+      preempted; the schedule still spans `cfg.steps`.
+    data_iter: a checkpointable iterator of process-local batches; default
+      `data.make_train_iterator(cfg.data, ...)`.
+    eval_data: list of process-local eval batches; default from `cfg.data`.
+    on_log: called with (step, metrics) at each log step.
+
+  Returns:
+    {'losses': {step: loss}, 'final_step', 'stopped': 'done' | 'sigterm' |
+    'stop_after', 'state', 'eval': {step: loss}, 'steps_per_sec'}.
+  """
+  if cfg.batch_size % (cfg.grad_accum * jax.process_count()):
+    raise ValueError(f'batch_size={cfg.batch_size} must divide by grad_accum x processes')
+  mesh = sharding.make_mesh(cfg.mesh)
+  tx = opt_lib.make_optimizer(cfg.optimizer)
+  abstract_state, _ = state_shardings(cfg, mesh, tx)
+  local_batch = cfg.batch_size // jax.process_count()
+  if data_iter is None:
+    data_iter = data_lib.make_train_iterator(
+        cfg.data, batch_size=local_batch, seq_len=cfg.seq_len, objective=cfg.objective,
+        seed=cfg.seed, model=cfg.model)
+  if eval_data is None and cfg.eval_every:
+    eval_data = data_lib.make_eval_batches(
+        cfg.data, batch_size=local_batch, seq_len=cfg.seq_len, objective=cfg.objective,
+        num_batches=cfg.eval_batches, model=cfg.model)
+
+  mngr = checkpoint_manager(cfg)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = restore(mngr, latest, abstract_state, data_iter)
+  else:
+    state = init_state(cfg, mesh, tx)
+  start = int(jax.device_get(state['step']))
+
+  step_fn = jit_train_step(cfg, tx, mesh)
+  eval_fn = make_eval_step(cfg, mesh) if eval_data else None
+  writer = _Writer(cfg.workdir)
+  stop = _Stop()
+  old_handler = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+  end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  flops_step = flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
+  peak = cfg.peak_flops_per_device or peak_flops(jax.devices()[0])
+  peak *= jax.device_count()
+
+  bar = None
+  if cfg.progress_bar and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=start, desc='train', dynamic_ncols=True)
+
+  losses: dict[int, float] = {}
+  evals: dict[int, float] = {}
+  pending: list[tuple[int, dict]] = []
+  reason = 'done'
+  last_time, last_step = time.perf_counter(), start
+  t_begin = time.perf_counter()
+
+  def flush(step: int):
+    """Pulls pending metrics to the host, checks them, logs the latest."""
+    nonlocal last_time, last_step
+    if not pending:
+      return
+    host = jax.device_get(pending)
+    pending.clear()
+    for s, m in host:
+      loss = float(m['loss'])
+      if not math.isfinite(loss):
+        raise FloatingPointError(
+            f'non-finite loss {loss} at step {s}: stopping without saving this state; '
+            f'the last good checkpoint is step {mngr.latest_step()} in {mngr.directory}')
+      losses[s] = loss
+    s, m = host[-1]
+    now = time.perf_counter()
+    dt = max(now - last_time, 1e-9)
+    n = max(step - last_step, 1)
+    last_time, last_step = now, step
+    logged = {k: float(v) for k, v in m.items()}
+    logged['tokens_per_sec'] = n * tokens_per_step / dt
+    logged['mfu'] = n * flops_step / dt / peak
+    writer.write(s, logged)
+    if bar is not None:
+      bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['masked_accuracy']:.3f}",
+                      lr=f"{logged['lr']:.2e}", tok_s=f"{logged['tokens_per_sec']:.0f}",
+                      refresh=False)
+    if on_log is not None:
+      on_log(s, logged)
+
+  try:
+    step = start
+    while step < end:
+      batch = _global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      if bar is not None:
+        bar.update(1)
+      if step % cfg.log_every == 0:
+        flush(step)
+      if eval_fn is not None and step % cfg.eval_every == 0:
+        vals = [eval_fn(state['params'], _global_batch(b, mesh), i)['loss']
+                for i, b in enumerate(eval_data)]
+        evals[step] = float(np.mean(jax.device_get(vals)))
+        writer.write(step, {'eval_loss': evals[step]})
+      preempted = _agree(stop.requested)
+      if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or preempted:
+        flush(step)
+        save(mngr, state, data_iter, cfg, force=True)
+      if preempted:
+        reason = 'sigterm'
+        break
+    else:
+      if stop_after is not None and end < cfg.steps:
+        reason = 'stop_after'
+    flush(step)
+    if mngr.latest_step() != step:
+      save(mngr, state, data_iter, cfg, force=True)
+  finally:
+    mngr.wait_until_finished()
+    _stamp_model_config(mngr, cfg.model)
+    mngr.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+  elapsed = time.perf_counter() - t_begin
+  return {'losses': losses, 'eval': evals, 'final_step': step, 'stopped': reason,
+          'state': state, 'steps_per_sec': (step - start) / max(elapsed, 1e-9),
+          'checkpoint_dir': os.path.join(str(mngr.directory), str(step))}
+
+
+def _main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process if any process got SIGTERM."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+# -- config files -------------------------------------------------------------------
+
+def load_config(path: str) -> TrainConfig:
+  """The `CONFIG` TrainConfig of a python file (or of module `illada_jax.configs.NAME`)."""
+  import importlib
+  import importlib.util
+  if os.path.exists(path):
+    spec = importlib.util.spec_from_file_location('_illada_train_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(f'illada_jax.configs.{path}')
+  cfg = getattr(module, 'CONFIG', None)
+  if not isinstance(cfg, TrainConfig):
+    raise ValueError(f'{path}: defines no CONFIG = TrainConfig(...)')
+  return cfg
+
+
+def _parse_value(text: str, current):
+  import ast
+  if isinstance(current, bool):
+    if text.lower() in ('1', 'true', 'yes'):
+      return True
+    if text.lower() in ('0', 'false', 'no'):
+      return False
+    raise ValueError(f'expected a boolean, got {text!r}')
+  if isinstance(current, int) and not isinstance(current, bool):
+    return int(float(text)) if 'e' in text.lower() else int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str) or current is None:
+    try:
+      v = ast.literal_eval(text)
+      return v if current is None or isinstance(v, str) else text
+    except (ValueError, SyntaxError):
+      return text
+  if isinstance(current, (tuple, list)):
+    v = ast.literal_eval(text)
+    return type(current)(v if isinstance(v, (tuple, list)) else (v,))
+  return ast.literal_eval(text)
+
+
+def override(cfg, key: str, text: str):
+  """`override(cfg, 'optimizer.lr', '1e-3')`: a copy with one (nested) field replaced."""
+  head, _, rest = key.partition('.')
+  names = {f.name for f in dataclasses.fields(cfg)}
+  if head not in names:
+    raise ValueError(f'--set {key}: {type(cfg).__name__} has no field {head!r}; '
+                     f'fields: {sorted(names)}')
+  current = getattr(cfg, head)
+  if rest:
+    if not dataclasses.is_dataclass(current):
+      raise ValueError(f'--set {key}: {head} is not a nested config')
+    return dataclasses.replace(cfg, **{head: override(current, rest, text)})
+  return dataclasses.replace(cfg, **{head: _parse_value(text, current)})
