@@ -309,7 +309,7 @@ def open_stored_arrays(path: str | os.PathLike) -> dict[str, ts.TensorStore]:
     tree_meta = json.load(f)
   use_zarr3 = bool(tree_meta.get('use_zarr3', False))
   use_ocdbt = bool(oth.is_ocdbt_checkpoint(item))
-  ctx = ts.Context()
+  ctx = oth.get_ts_context(use_ocdbt=use_ocdbt)
   out = {}
   for name, meta in stored_arrays(path).items():
     info = oth.ParamInfo(name=meta.name, parent_dir=meta.directory, use_zarr3=use_zarr3,

@@ -1,0 +1,382 @@
+"""HF safetensors <-> Orbax conversion on tiny checkpoints of both families.
+
+HF directories are written here with `safetensors.numpy` and names spelled
+out by hand (not taken from `illada_jax.convert`), and the expected logits
+come from a plain-numpy forward pass over the original HF tensors, so a
+wrong name, transpose, reshape or gate/up swap fails.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import illada_jax
+from illada_jax import convert
+from illada_jax.cli import convert as cli
+
+BF16 = ml_dtypes.bfloat16
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_FILES = {'tokenizer.json': '{"model": {}}', 'tokenizer_config.json': '{"a": 1}',
+                   'special_tokens_map.json': '{}', 'spm.model': 'not really sentencepiece',
+                   'generation_config.json': '{"max_length": 8}'}
+
+
+def tiny_cfg(family: str):
+  small = dict(num_layers=2, d_model=64, num_heads=4, head_dim=16, mlp_hidden=96,
+               vocab_size=128, max_len=64)
+  if family == 'illada':
+    return illada_jax.get_preset('illada_tiny').replace(num_kv_heads=2, **small)
+  return illada_jax.get_preset('llada_tiny').replace(
+      num_kv_heads=4, mask_token_id=120, bos_token_id=121, eos_token_id=122, pad_token_id=122,
+      eot_token_id=123, **small)
+
+
+def hf_names(cfg, head: bool):
+  """{name: shape} of the HF checkpoint, spelled out per family (SPEC §1)."""
+  d, h, k, dh, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                       cfg.mlp_hidden, cfg.vocab_size)
+  out = {}
+  if cfg.family == 'illada':
+    out['model.embed_tokens.weight'] = (v, d)
+    for i in range(cfg.num_layers):
+      p = f'model.layers.{i}.'
+      out.update({p + 'input_layernorm.weight': (d,), p + 'self_attn.q_proj.weight': (h * dh, d),
+                  p + 'self_attn.k_proj.weight': (k * dh, d),
+                  p + 'self_attn.v_proj.weight': (k * dh, d),
+                  p + 'self_attn.o_proj.weight': (d, h * dh),
+                  p + 'post_attention_layernorm.weight': (d,),
+                  p + 'mlp.gate_proj.weight': (f, d), p + 'mlp.up_proj.weight': (f, d),
+                  p + 'mlp.down_proj.weight': (d, f)})
+    out['model.norm.weight'] = (d,)
+    if head:
+      out['lm_head.weight'] = (v, d)
+  else:
+    out['model.transformer.wte.weight'] = (v, d)
+    for i in range(cfg.num_layers):
+      p = f'model.transformer.blocks.{i}.'
+      out.update({p + 'attn_norm.weight': (d,), p + 'q_proj.weight': (h * dh, d),
+                  p + 'k_proj.weight': (k * dh, d), p + 'v_proj.weight': (k * dh, d),
+                  p + 'attn_out.weight': (d, h * dh), p + 'ff_norm.weight': (d,),
+                  p + 'ff_proj.weight': (f, d), p + 'up_proj.weight': (f, d),
+                  p + 'ff_out.weight': (d, f)})
+    out['model.transformer.ln_f.weight'] = (d,)
+    if head:
+      out['model.transformer.ff_out.weight'] = (v, d)
+  return out
+
+
+def make_tensors(cfg, seed=0, head=None, dtype=BF16):
+  """Random HF tensors; norms near 1, matrices ~N(0, 0.1). A stored tied head equals the embedding."""
+  head = (not cfg.tie_embeddings) if head is None else head
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, shape in hf_names(cfg, head).items():
+    scale = 0.1 if len(shape) == 2 else 0.2
+    base = 1.0 if len(shape) == 1 else 0.0
+    out[name] = (base + scale * rng.standard_normal(shape)).astype(dtype)
+  if head and cfg.tie_embeddings:
+    emb = 'model.embed_tokens.weight' if cfg.family == 'illada' else 'model.transformer.wte.weight'
+    out[convert.head_name(cfg)] = out[emb].copy()
+  return out
+
+
+def write_hf(path, cfg, tensors, shards=2, index=True, hf_config=None):
+  """A Hugging Face directory: config.json, tokenizer files, 1 file or `shards` + index."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(hf_config or cfg.to_hf(), f)
+  for name, text in TOKENIZER_FILES.items():
+    with open(os.path.join(path, name), 'w') as f:
+      f.write(text)
+  names = list(tensors)
+  if not index:
+    save_file(tensors, os.path.join(path, 'model.safetensors'))
+    return path
+  weight_map = {}
+  for k in range(shards):
+    part = names[k::shards]
+    fname = f'model-{k + 1:05d}-of-{shards:05d}.safetensors'
+    save_file({n: tensors[n] for n in part}, os.path.join(path, fname))
+    weight_map.update({n: fname for n in part})
+  total = sum(t.nbytes for t in tensors.values())
+  with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f)
+  return path
+
+
+def read_hf(path):
+  src = convert.HFSource(path)
+  return {n: convert.read_tensor(e) for n, e in src.entries.items()}
+
+
+# -- an independent numpy forward pass over the HF tensors --------------------------
+
+def reference_logits(cfg, t, tokens):
+  """float64 logits of the HF tensors `t` for int tokens [B, L] (SPEC §1 forward)."""
+  g = lambda n: np.asarray(t[n], np.float64)
+  llama = cfg.family == 'illada'
+  pre = 'model.layers.{}.' if llama else 'model.transformer.blocks.{}.'
+  names = (dict(an='input_layernorm', q='self_attn.q_proj', k='self_attn.k_proj',
+                v='self_attn.v_proj', o='self_attn.o_proj', mn='post_attention_layernorm',
+                gate='mlp.gate_proj', up='mlp.up_proj', down='mlp.down_proj')
+           if llama else
+           dict(an='attn_norm', q='q_proj', k='k_proj', v='v_proj', o='attn_out', mn='ff_norm',
+                gate='ff_proj', up='up_proj', down='ff_out'))
+  emb = g('model.embed_tokens.weight' if llama else 'model.transformer.wte.weight')
+  norm = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+  b, l = tokens.shape
+  h, kh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  inv = cfg.rope_theta ** (-np.arange(0, dh, 2) / dh)
+  ang = np.arange(l)[:, None] * inv[None]
+  cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+  def rope(x):  # [B, L, heads, Dh]
+    x1, x2 = x[..., :dh // 2], x[..., dh // 2:]
+    return x * cos[None, :, None] + np.concatenate([-x2, x1], -1) * sin[None, :, None]
+
+  x = emb[tokens]
+  for i in range(cfg.num_layers):
+    w = lambda key: g(pre.format(i) + names[key] + '.weight')
+    y = norm(x, w('an'))
+    q = rope((y @ w('q').T).reshape(b, l, h, dh))
+    k = np.repeat(rope((y @ w('k').T).reshape(b, l, kh, dh)), h // kh, axis=2)
+    v = np.repeat((y @ w('v').T).reshape(b, l, kh, dh), h // kh, axis=2)
+    s = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(dh)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    x = x + np.einsum('bhqk,bkhd->bqhd', p, v).reshape(b, l, h * dh) @ w('o').T
+    y = norm(x, w('mn'))
+    gate, up = y @ w('gate').T, y @ w('up').T
+    x = x + (gate / (1 + np.exp(-gate)) * up) @ w('down').T
+  x = norm(x, g('model.norm.weight' if llama else 'model.transformer.ln_f.weight'))
+  head = emb if cfg.tie_embeddings else g(convert.head_name(cfg))
+  return x @ head.T
+
+
+# -- conversion -----------------------------------------------------------------------
+
+@pytest.mark.parametrize('family,head,index', [
+    ('illada', False, True), ('illada', True, False), ('llada', True, True)])
+def test_round_trip_is_bit_exact(tmp_path, family, head, index):
+  cfg = tiny_cfg(family)
+  tensors = make_tensors(cfg, head=head)
+  src = write_hf(tmp_path / 'hf', cfg, tensors, shards=3, index=index)
+  got_cfg = convert.hf_to_orbax(src, tmp_path / 'ck', progress=False)
+  assert got_cfg == cfg.replace(param_dtype='bfloat16')
+  convert.orbax_to_hf(tmp_path / 'ck', tmp_path / 'back', shard_size='20KB', progress=False)
+
+  back = read_hf(tmp_path / 'back')
+  assert sorted(back) == sorted(tensors)
+  for name, want in tensors.items():
+    got = back[name]
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    assert got.tobytes() == want.tobytes(), name
+
+  with open(tmp_path / 'back' / 'model.safetensors.index.json') as f:
+    idx = json.load(f)
+  assert idx['metadata']['total_size'] == sum(t.nbytes for t in tensors.values())
+  assert sorted(idx['weight_map']) == sorted(tensors)
+  shard_files = set(idx['weight_map'].values())
+  assert len(shard_files) > 1 and all((tmp_path / 'back' / s).is_file() for s in shard_files)
+  with open(tmp_path / 'back' / 'config.json') as f:
+    assert json.load(f) == json.loads(json.dumps(cfg.to_hf()))
+  for d in ('ck', 'back'):
+    for name, text in TOKENIZER_FILES.items():
+      assert (tmp_path / d / name).read_text() == text
+  assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+
+
+def test_float32_round_trip_and_dtype_option(tmp_path):
+  cfg = tiny_cfg('illada')
+  tensors = make_tensors(cfg, dtype=np.float32)
+  write_hf(tmp_path / 'hf', cfg, tensors)
+  got = convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', dtype='float32', progress=False)
+  assert got.param_dtype == 'float32'
+  convert.orbax_to_hf(tmp_path / 'ck', tmp_path / 'back', progress=False)
+  back = read_hf(tmp_path / 'back')
+  assert all(back[n].dtype == np.float32 and np.array_equal(back[n], t) for n, t in tensors.items())
+  # bfloat16 storage of a float32 source rounds each value.
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck16', progress=False)
+  _, params = illada_jax.load_checkpoint(tmp_path / 'ck16')
+  assert params['final_norm']['scale'].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(params['final_norm']['scale']),
+                                tensors['model.norm.weight'].astype(BF16))
+
+
+@pytest.mark.parametrize('family', ['illada', 'llada'])
+def test_logits_from_converted_checkpoint_match_reference(tmp_path, family):
+  cfg = tiny_cfg(family)
+  tensors = make_tensors(cfg, seed=1)
+  write_hf(tmp_path / 'hf', cfg, tensors)
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', dtype='float32', progress=False)
+  got_cfg, params = illada_jax.load_checkpoint(tmp_path / 'ck')
+  run_cfg = got_cfg.replace(compute_dtype='float32', remat_policy='none')
+  tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 12), dtype=np.int32)
+  got = np.asarray(illada_jax.forward(run_cfg, params, jnp.asarray(tokens)))
+  want = reference_logits(cfg, tensors, tokens)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_mesh_option_sets_read_chunks_to_device_shards(tmp_path):
+  cfg = tiny_cfg('illada')
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', mesh='data=1,fsdp=2,tensor=2',
+                      progress=False)
+
+  def inner_chunk(name):
+    with open(tmp_path / 'ck' / 'params' / name / 'zarr.json') as f:
+      meta = json.load(f)
+    return meta['codecs'][0]['configuration']['chunk_shape']
+
+  d, f = cfg.d_model, cfg.mlp_hidden
+  assert inner_chunk('layers.mlp.gate_proj') == [1, d // 2, f // 2]  # embed->fsdp, mlp->tensor
+  assert inner_chunk('layers.attn.k_proj') == [1, d // 2, 1, cfg.head_dim]
+  assert inner_chunk('embedder.embedding') == [cfg.vocab_size // 2, d // 2]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+def _bad_case(tmp_path, case):
+  """Builds the broken source of `case`; returns (src, dst, [strings the error must name])."""
+  cfg = tiny_cfg('illada')
+  tensors = make_tensors(cfg)
+  src, dst = tmp_path / 'hf', tmp_path / 'ck'
+  hf_config = None
+  k0 = 'model.layers.0.self_attn.k_proj.weight'  # [32, 64]: transposing changes the shape
+  if case == 'missing_tensor':
+    del tensors['model.layers.1.mlp.up_proj.weight']
+    expect = ['model.layers.1.mlp.up_proj.weight', 'missing']
+  elif case == 'unexpected_tensor':
+    tensors['model.layers.0.self_attn.rotary_emb.inv_freq'] = np.ones(8, np.float32)
+    expect = ['model.layers.0.self_attn.rotary_emb.inv_freq', 'unexpected', '.safetensors']
+  elif case == 'wrong_shape':
+    tensors[k0] = np.ascontiguousarray(tensors[k0].T)
+    expect = [k0, 'shape', '.safetensors']
+  elif case == 'unsupported_dtype':
+    tensors['model.norm.weight'] = tensors['model.norm.weight'].astype(np.float64)
+    expect = ['model.norm.weight', 'F64', 'dtype']
+  elif case == 'config_layers':
+    hf_config = {**cfg.to_hf(), 'num_hidden_layers': 3}
+    expect = ['model.layers.2.', 'missing', 'config.json']
+  elif case == 'config_width':
+    hf_config = {**cfg.to_hf(), 'intermediate_size': 128}
+    expect = ['mlp.gate_proj.weight', 'shape', 'config.json']
+  elif case == 'tied_head_differs':
+    tensors['lm_head.weight'] = tensors['model.embed_tokens.weight'] + BF16(1)
+    expect = ['lm_head.weight', 'differs']
+  write_hf(src, cfg, tensors, hf_config=hf_config)
+  if case == 'truncated_shard':
+    shard = src / 'model-00002-of-00002.safetensors'
+    shard.write_bytes(shard.read_bytes()[:-100])
+    expect = ['model-00002-of-00002.safetensors', 'truncated', 'tensor ']
+  elif case == 'missing_shard':
+    os.remove(src / 'model-00001-of-00002.safetensors')
+    expect = ['model.safetensors.index.json', 'model-00001-of-00002.safetensors',
+              'does not exist']
+  elif case == 'pickle_only':
+    for p in src.glob('model*'):
+      os.remove(p)
+    (src / 'pytorch_model.bin').write_bytes(b'\x80\x04not a real pickle')
+    expect = ['pytorch_model.bin', 'safetensors first']
+  elif case == 'destination_exists':
+    dst.mkdir()
+    (dst / 'keep.txt').write_text('mine')
+    expect = [str(dst), 'exists', '--overwrite']
+  return src, dst, expect
+
+
+BAD_CASES = ['truncated_shard', 'missing_shard', 'missing_tensor', 'unexpected_tensor',
+             'wrong_shape', 'unsupported_dtype', 'config_layers', 'config_width',
+             'tied_head_differs', 'pickle_only', 'destination_exists']
+
+
+@pytest.mark.parametrize('case', BAD_CASES)
+def test_bad_input_is_refused_clearly(tmp_path, case, capsys):
+  src, dst, expect = _bad_case(tmp_path, case)
+  with pytest.raises(convert.ConversionError) as info:
+    convert.hf_to_orbax(src, dst, progress=False)
+  assert isinstance(info.value, ValueError)
+  for s in expect:
+    assert s in str(info.value), (s, str(info.value))
+  # The CLI: exit status 2, the message on stderr, nothing left behind.
+  assert cli.main(['hf-to-orbax', str(src), str(dst), '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert 'error' in err and expect[0] in err
+  if case == 'destination_exists':
+    assert os.listdir(dst) == ['keep.txt']
+  else:
+    assert not dst.exists()
+  assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+
+
+def test_overwrite_replaces_destination(tmp_path):
+  cfg = tiny_cfg('llada')
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  (tmp_path / 'ck').mkdir()
+  (tmp_path / 'ck' / 'stale.txt').write_text('old')
+  assert cli.main(['hf-to-orbax', str(tmp_path / 'hf'), str(tmp_path / 'ck'), '--overwrite',
+                   '--quiet']) == 0
+  assert not (tmp_path / 'ck' / 'stale.txt').exists()
+  assert (tmp_path / 'ck' / 'model_config.json').is_file()
+  assert cli.main(['orbax-to-hf', str(tmp_path / 'ck'), str(tmp_path / 'hf'), '--quiet']) == 2
+  assert cli.main(['orbax-to-hf', str(tmp_path / 'ck'), str(tmp_path / 'hf'), '--overwrite',
+                   '--quiet']) == 0
+
+
+def test_orbax_to_hf_refuses_non_checkpoint(tmp_path, capsys):
+  (tmp_path / 'empty').mkdir()
+  assert cli.main(['orbax-to-hf', str(tmp_path / 'empty'), str(tmp_path / 'out')]) == 2
+  assert 'model_config.json' in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()
+  with pytest.raises(convert.ConversionError, match='shard-size'):
+    convert.parse_size('five gigs')
+  assert convert.parse_size('5GB') == 5 * 10**9 and convert.parse_size('2MiB') == 2 << 20
+
+
+def test_tools_script_runs_the_same_cli(tmp_path):
+  cfg = tiny_cfg('illada')
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  run = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'convert_checkpoint.py'),
+                        'hf-to-orbax', str(tmp_path / 'hf'), str(tmp_path / 'ck')],
+                       capture_output=True, text=True, env=env, timeout=120)
+  assert run.returncode == 0, run.stderr
+  assert 'tensors' in run.stderr  # the progress bar
+  run = subprocess.run([sys.executable, os.path.join(REPO, 'tools', 'convert_checkpoint.py'),
+                        'hf-to-orbax', str(tmp_path / 'hf'), str(tmp_path / 'ck')],
+                       capture_output=True, text=True, env=env, timeout=120)
+  assert run.returncode == 2 and 'exists' in run.stderr
+
+
+# -- transformers reads what we write -------------------------------------------------
+
+@pytest.mark.torch
+def test_transformers_loads_converted_llama_layout(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  cfg = tiny_cfg('illada').replace(tie_embeddings=False)
+  tensors = make_tensors(cfg, seed=3)
+  write_hf(tmp_path / 'hf', cfg, tensors)
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
+  convert.orbax_to_hf(tmp_path / 'ck', tmp_path / 'back', shard_size='30KB', progress=False)
+  with open(tmp_path / 'back' / 'config.json') as f:
+    hf = json.load(f)
+  hf['model_type'] = 'llama'
+  hf['architectures'] = ['LlamaForCausalLM']
+  with open(tmp_path / 'back' / 'config.json', 'w') as f:
+    json.dump(hf, f)
+  model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'back',
+                                                        torch_dtype=torch.bfloat16)
+  state = model.state_dict()
+  for name in ('model.layers.1.mlp.gate_proj.weight', 'model.layers.0.self_attn.k_proj.weight',
+               'lm_head.weight'):
+    got = state[name].float().numpy()
+    np.testing.assert_array_equal(got, tensors[name].astype(np.float32))

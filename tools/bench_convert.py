@@ -1,0 +1,139 @@
+"""Benchmark of `illada-convert` on a synthetic full-size checkpoint.
+
+  python tools/bench_convert.py [--preset illada_8b] [--workdir /work/tmp] [--keep]
+
+Writes a fake Hugging Face directory of the preset (random bfloat16, real
+names and shapes, 5 GB shards), then for each direction:
+
+* raw read: every input file read once sequentially (64 MB `readinto`);
+* raw copy: the same, each block also written to a scratch file, then
+  `sync`: the I/O floor of any conversion that writes its output to disk;
+* conversion: `python -m illada_jax.cli.convert ...` in a subprocess; wall
+  time and peak RSS from `os.wait4`'s rusage of that child.
+
+Before each measurement the inputs are flushed and evicted from the page
+cache with `posix_fadvise(DONTNEED)` (no root needed), so both start cold
+the same way. Reports one line per figure and the ratio to the raw read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_fake_hf_checkpoint  # noqa: E402
+
+
+def _files(root: str) -> list[str]:
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def evict(root: str) -> None:
+  os.sync()
+  for path in _files(root):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
+def raw_read(root: str) -> tuple[float, int]:
+  """Seconds to read every file under `root` once, and the bytes read."""
+  evict(root)
+  buf = bytearray(64 << 20)
+  total = 0
+  t = time.perf_counter()
+  for path in _files(root):
+    with open(path, 'rb', buffering=0) as f:
+      while n := f.readinto(buf):
+        total += n
+  return time.perf_counter() - t, total
+
+
+def raw_copy(root: str, scratch: str) -> float:
+  """Seconds to copy every file under `root` into `scratch` and `sync`."""
+  evict(root)
+  os.makedirs(scratch)
+  buf = bytearray(64 << 20)
+  t = time.perf_counter()
+  for k, path in enumerate(_files(root)):
+    with open(path, 'rb', buffering=0) as f, open(os.path.join(scratch, str(k)), 'wb') as g:
+      while n := f.readinto(buf):
+        g.write(memoryview(buf)[:n])
+  os.sync()
+  seconds = time.perf_counter() - t
+  shutil.rmtree(scratch)
+  os.sync()
+  return seconds
+
+
+def run(cmd: list[str], evict_root: str) -> tuple[float, float, int]:
+  """(wall seconds, seconds of the final `sync`, peak RSS bytes) of `cmd` run cold."""
+  evict(evict_root)
+  t = time.perf_counter()
+  proc = subprocess.Popen(cmd, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  _, status, usage = os.wait4(proc.pid, 0)
+  wall = time.perf_counter() - t
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise SystemExit(f'{cmd} failed with status {status}')
+  t = time.perf_counter()
+  os.sync()
+  return wall, time.perf_counter() - t, usage.ru_maxrss * 1024
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--preset', default='illada_8b')
+  p.add_argument('--workdir', default=None, help='where the ~3x15 GB go (default: a temp dir)')
+  p.add_argument('--keep', action='store_true')
+  args = p.parse_args(argv)
+  work = tempfile.mkdtemp(prefix='bench_convert.', dir=args.workdir)
+  hf, orbax, back = (os.path.join(work, d) for d in ('hf', 'orbax', 'hf_back'))
+  convert_cmd = [sys.executable, '-m', 'illada_jax.cli.convert']
+  lines = []
+
+  def report(line):
+    lines.append(line)
+    print(line, flush=True)
+
+  try:
+    t = time.perf_counter()
+    make_fake_hf_checkpoint.make(args.preset, hf, '5GB')
+    os.sync()
+    report(f'{args.preset}: fake HF checkpoint written in {time.perf_counter() - t:.1f}s')
+    for name, src, dst, extra in (('hf-to-orbax', hf, orbax, []),
+                                  ('orbax-to-hf', orbax, back, ['--shard-size', '5GB'])):
+      read_s, nbytes = raw_read(src)
+      copy_s = raw_copy(src, os.path.join(work, 'copy'))
+      wall, sync_s, rss = run(convert_cmd + [name, src, dst, '--quiet'] + extra, src)
+      gb = nbytes / 1e9
+      report(f'{name}: raw read of {gb:.2f} GB: {read_s:.1f}s ({gb / read_s:.2f} GB/s)  ratio 1.00')
+      report(f'{name}: raw copy + sync: {copy_s:.1f}s ({gb / copy_s:.2f} GB/s)  '
+             f'ratio {copy_s / read_s:.2f}x raw read')
+      report(f'{name}: conversion wall time: {wall:.1f}s  ratio {wall / read_s:.2f}x raw read, '
+             f'{wall / copy_s:.2f}x raw copy')
+      report(f'{name}: conversion + final sync: {wall + sync_s:.1f}s  '
+             f'ratio {(wall + sync_s) / read_s:.2f}x raw read, '
+             f'{(wall + sync_s) / copy_s:.2f}x raw copy')
+      report(f'{name}: peak RSS of the converter: {rss / 2**30:.2f} GiB  '
+             f'ratio {rss / nbytes:.3f} of the checkpoint size')
+      if name == 'hf-to-orbax' and not args.keep:
+        shutil.rmtree(hf)
+  finally:
+    if not args.keep:
+      shutil.rmtree(work, ignore_errors=True)
+  print('\n'.join(['', 'summary:'] + lines))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
