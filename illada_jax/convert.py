@@ -599,9 +599,8 @@ def write_safetensors(dst_dir: str, tensors: list[OutTensor], shard_size: int,
 def _out_tensors(cfg: ModelConfig, arrays, tied_head: bool) -> list[OutTensor]:
   """The HF tensors of a stored checkpoint, in layer order, each read slice by slice."""
   maps = {m.key: m for m in layout(cfg)}
-
-  def read(key, index):
-    return arrays[key][index].read().result()
+  layer_reads = [(m.key, i) for i in range(cfg.num_layers) for m in maps.values() if m.stacked]
+  read = _ReadAhead(arrays, layer_reads)
 
   def table(key, kind):
     rows = _table_rows(cfg.d_model * 4, cfg.vocab_size)
@@ -615,28 +614,44 @@ def _out_tensors(cfg: ModelConfig, arrays, tied_head: bool) -> list[OutTensor]:
   def one(m, i):
     return lambda: [from_param(m.kind, read(m.key, () if i is None else i))]
 
-  out = []
   dtype = lambda key: np.dtype(arrays[key].dtype.numpy_dtype)
-  for m in maps.values():
-    if m.key == 'lm_head':
-      continue
-    if m.stacked:
-      continue
-    if m.key == 'embedder/embedding':
-      out.append(OutTensor(m.hf_name(), dtype(m.key), m.hf_shape, table(m.key, 'copy')))
+  e = maps['embedder/embedding']
+  out = [OutTensor(e.hf_name(), dtype(e.key), e.hf_shape, table(e.key, 'copy'))]
   for i in range(cfg.num_layers):
-    for m in maps.values():
-      if m.stacked:
-        out.append(OutTensor(m.hf_name(i), dtype(m.key), m.hf_shape, one(m, i)))
+    out += [OutTensor(m.hf_name(i), dtype(m.key), m.hf_shape, one(m, i))
+            for m in maps.values() if m.stacked]
   fn = maps['final_norm/scale']
   out.append(OutTensor(fn.hf_name(), dtype(fn.key), fn.hf_shape, one(fn, None)))
   if 'lm_head' in maps:
     m = maps['lm_head']
     out.append(OutTensor(m.hf_name(), dtype(m.key), m.hf_shape, table(m.key, 'head')))
   elif tied_head:
-    e = maps['embedder/embedding']
     out.append(OutTensor(head_name(cfg), dtype(e.key), e.hf_shape, table(e.key, 'copy')))
   return out
+
+
+class _ReadAhead:
+  """Reads `arrays[key][index]`; after a read listed in `order`, starts the next one.
+
+  Overlaps TensorStore's read of the next layer tensor with writing this one,
+  holding at most one tensor extra.
+  """
+
+  def __init__(self, arrays, order: list[tuple[str, int]]):
+    self.arrays, self.order = arrays, order
+    self.position = {k: n for n, k in enumerate(order)}
+    self.started: dict[tuple[str, int], Any] = {}
+
+  def __call__(self, key: str, index) -> np.ndarray:
+    k = (key, index) if isinstance(index, int) else None
+    pending = self.started.pop(k, None) if k else None
+    pending = pending or self.arrays[key][index].read()
+    n = self.position.get(k) if k else None
+    if n is not None and n + 1 < len(self.order):
+      nk, ni = self.order[n + 1]
+      if (nk, ni) not in self.started:
+        self.started[(nk, ni)] = self.arrays[nk][ni].read()
+    return pending.result()
 
 
 def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
