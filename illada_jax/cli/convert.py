@@ -9,6 +9,7 @@ Exit status 0 on success, 2 on bad input or usage (message on stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -36,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  # Conversion is host work: keep JAX off any accelerator (and its memory).
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from absl import logging as absl_logging
   from illada_jax import convert  # after parsing: --help stays fast
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes would break the progress bar
   try:
     if args.command == 'hf-to-orbax':
       cfg = convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh,
