@@ -1,0 +1,275 @@
+"""The sampler against a plain NumPy re-statement of the reference loop, and its invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import illada_jax
+from illada_jax import kv_forward, sampling
+
+# Untied LLaDA layout: a random head gives varied, well-separated predictions.
+LLADA = illada_jax.get_preset('llada_tiny').replace(
+    num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_hidden=96,
+    vocab_size=90, max_len=64, mask_token_id=80, bos_token_id=81, eos_token_id=82,
+    pad_token_id=82, eot_token_id=83, param_dtype='float32', compute_dtype='float32',
+    remat_policy='none')
+# Tied iLLaDA layout (GQA, no EOT), unscanned layers.
+ILLADA = illada_jax.get_preset('illada_tiny').replace(
+    num_layers=2, d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, mlp_hidden=96,
+    vocab_size=70, max_len=64, param_dtype='float32', compute_dtype='float32',
+    remat_policy='none', scan_layers=False)
+
+
+def make_params(cfg, seed=0, end_boost=0.):
+  """Random params scaled up (sharper logits); the mask token is never predicted.
+
+  `end_boost` > 0 scales up the EOS/EOT head columns so they win often.
+  """
+  params = illada_jax.init_params(cfg, jax.random.key(seed))
+  params = jax.tree.map(lambda x: x * 5, params)
+  emb = params['embedder']['embedding']
+  if cfg.tie_embeddings:
+    params['embedder']['embedding'] = emb.at[cfg.mask_token_id].set(0.)
+  else:
+    head = params['lm_head'].at[:, cfg.mask_token_id].set(0.)
+    for end_id in (cfg.eos_token_id, cfg.eot_token_id):
+      head = head.at[:, end_id].multiply(1. + end_boost)
+    params['lm_head'] = head
+  return params
+
+
+def padded_prompts(cfg, b=3, p=6, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 60, (b, p)).astype(np.int32)
+  mask = np.ones((b, p), np.int32)
+  for r in range(1, b):
+    mask[r, :r * 2] = 0
+  tokens[mask == 0] = cfg.pad_token_id
+  return tokens, mask
+
+
+def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, steps,
+                     temperature=0., cfg_scale=0., remasking='low_confidence',
+                     logits_eos_inf=False, confidence_eos_eot_inf=False, key=None):
+  """SPEC §2 step by step in NumPy (float64), full-sequence logits from `forward`.
+
+  Returns the canvas after every step `[steps, B, L]`. The random draws come
+  from the same `fold_in(key, step)` streams as the sampler, so
+  `remasking='random'` is comparable.
+  """
+  key = jax.random.key(0) if key is None else key
+  b, p = prompt.shape
+  l = p + gen_length
+  x = np.concatenate([prompt, np.full((b, gen_length), cfg.mask_token_id)], 1)
+  am = np.concatenate([mask, np.ones((b, gen_length), np.int32)], 1)
+  nb = gen_length // block_length
+  s_per_block = steps // nb
+  ends = [t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None]
+  canvases, s = [], 0
+  for blk in range(nb):
+    lo, hi = p + blk * block_length, p + (blk + 1) * block_length
+    m = (x[:, lo:hi] == cfg.mask_token_id).sum(1)
+    for i in range(s_per_block):
+      masked = x == cfg.mask_token_id
+      if cfg_scale > 0:
+        un = x.copy()
+        un[:, :p] = cfg.mask_token_id
+        lg = np.asarray(illada_jax.forward(cfg, params, np.concatenate([x, un]),
+                                           np.concatenate([am, am])), np.float64)
+        logits = lg[b:] + (cfg_scale + 1) * (lg[:b] - lg[b:])
+      else:
+        logits = np.asarray(illada_jax.forward(cfg, params, x, am), np.float64)
+      if logits_eos_inf:
+        logits[:, :, cfg.eos_token_id] = -np.inf
+      key_g, key_r = jax.random.split(jax.random.fold_in(key, s))
+      assert temperature == 0
+      x0 = logits.argmax(-1)
+      if remasking == 'low_confidence':
+        z = np.exp(logits - logits.max(-1, keepdims=True))
+        conf = np.take_along_axis(z / z.sum(-1, keepdims=True), x0[..., None], -1)[..., 0]
+      else:
+        conf = np.full((b, l), np.nan)
+        conf[:, lo:hi] = np.asarray(jax.random.uniform(key_r, (b, block_length)))
+      for r in range(b):
+        k = m[r] // s_per_block + (1 if i < m[r] % s_per_block else 0)
+        cand = [j for j in range(hi) if masked[r, j]]  # after the block: -inf
+        # EOS/EOT candidates have confidence -inf: last, ties to the lower position.
+        end = lambda j: confidence_eos_eot_inf and x0[r, j] in ends
+        cand.sort(key=lambda j: (1, 0., j) if end(j) else (0, -conf[r, j], j))
+        for j in cand[:k]:
+          x[r, j] = x0[r, j]
+      canvases.append(x.copy())
+      s += 1
+  return np.stack(canvases)
+
+
+def canvases_from(out, steps, mask_id):
+  """Canvas after each step, rebuilt from final tokens and commit steps."""
+  tokens, step = np.asarray(out.tokens), np.asarray(out.commit_step)
+  return np.stack([np.where(step <= s, tokens, mask_id) for s in range(steps)])
+
+
+CASES = {
+    'pure_diffusion': (LLADA, dict(gen_length=8, block_length=8, steps=4)),
+    'semi_ar_uneven': (LLADA, dict(gen_length=12, block_length=4, steps=9)),
+    'one_per_step': (ILLADA, dict(gen_length=6, block_length=3, steps=6)),
+    'cfg': (LLADA, dict(gen_length=8, block_length=4, steps=4, cfg_scale=0.5)),
+    'random_remask': (LLADA, dict(gen_length=8, block_length=4, steps=6, remasking='random',
+                                  key=jax.random.key(7))),
+    'logits_eos_inf': (LLADA, dict(gen_length=8, block_length=8, steps=4, logits_eos_inf=True)),
+    'confidence_eos_eot_inf': (LLADA, dict(gen_length=8, block_length=8, steps=4,
+                                           confidence_eos_eot_inf=True)),
+}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_matches_reference_step_by_step(name):
+  cfg, kw = CASES[name]
+  params = make_params(cfg, end_boost=4. if 'eos' in name else 0.)
+  prompt, mask = padded_prompts(cfg)
+  out = sampling.sample(cfg, params, prompt, mask, **kw)
+  want = reference_sample(cfg, params, prompt, mask, **kw)
+  got = canvases_from(out, kw['steps'], cfg.mask_token_id)
+  for s in range(kw['steps']):
+    np.testing.assert_array_equal(got[s], want[s], err_msg=f'step {s}')
+  assert int(out.nfe) == kw['steps']
+  assert not np.any(np.asarray(out.tokens) == cfg.mask_token_id)
+  ends = np.isin(np.asarray(out.tokens)[:, prompt.shape[1]:], [cfg.eos_token_id, cfg.eot_token_id])
+  if name == 'logits_eos_inf':
+    assert not np.any(np.asarray(out.tokens)[:, prompt.shape[1]:] == cfg.eos_token_id)
+  if name == 'confidence_eos_eot_inf':
+    assert ends.any()  # the option is exercised: EOS/EOT were committed last
+    plain = sampling.generate(cfg, params, prompt, mask, **{**kw, 'confidence_eos_eot_inf': False})
+    assert not np.array_equal(np.asarray(plain), np.asarray(out.tokens))
+
+
+def test_commit_counts_per_step():
+  params = make_params(LLADA)
+  prompt, mask = padded_prompts(LLADA)
+  out = sampling.sample(LLADA, params, prompt, mask, gen_length=10, block_length=5, steps=6)
+  step = np.asarray(out.commit_step)[:, prompt.shape[1]:]
+  counts = np.stack([(step == s).sum(1) for s in range(6)], 1)
+  np.testing.assert_array_equal(counts, np.tile([2, 2, 1, 2, 2, 1], (3, 1)))
+  for blk in range(2):  # each block is filled by its own 3 steps
+    assert set(np.unique(step[:, blk * 5:(blk + 1) * 5])) == {3 * blk, 3 * blk + 1, 3 * blk + 2}
+
+
+def test_determinism_for_a_fixed_key():
+  params = make_params(LLADA)
+  prompt, mask = padded_prompts(LLADA)
+  kw = dict(gen_length=8, block_length=4, steps=4, temperature=1.0, cfg_scale=0.5)
+  a = sampling.generate(LLADA, params, prompt, mask, key=jax.random.key(3), **kw)
+  b = sampling.generate(LLADA, params, prompt, mask, key=jax.random.key(3), **kw)
+  c = sampling.generate(LLADA, params, prompt, mask, key=jax.random.key(4), **kw)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_rows_are_independent_under_padding():
+  params = make_params(ILLADA)
+  prompt, mask = padded_prompts(ILLADA, b=3, p=7)
+  kw = dict(gen_length=6, block_length=3, steps=4)
+  batch = np.asarray(sampling.generate(ILLADA, params, prompt, mask, **kw))
+  for r in range(3):
+    alone = sampling.generate(ILLADA, params, prompt[r:r + 1], mask[r:r + 1], **kw)
+    np.testing.assert_array_equal(batch[r], np.asarray(alone)[0])
+    # The same prompt without its left padding: RoPE is relative, padding is invisible.
+    real = prompt[r, mask[r] == 1][None]
+    unpadded = sampling.generate(ILLADA, params, real, **kw)
+    np.testing.assert_array_equal(batch[r, -6:], np.asarray(unpadded)[0, -6:])
+
+
+def test_sharded_equals_single_device():
+  mesh = illada_jax.make_mesh('data=2,fsdp=2,tensor=2')
+  cfg = LLADA.replace(vocab_size=96)
+  params = make_params(cfg)
+  sharded = jax.device_put(params, illada_jax.param_shardings(cfg, mesh))
+  prompt, mask = padded_prompts(cfg, b=4)
+  kw = dict(gen_length=8, block_length=4, steps=4, cfg_scale=1.0)
+  want = sampling.generate(cfg, params, prompt, mask, **kw)
+  got = sampling.generate(cfg, sharded, prompt, mask, **kw)
+  assert got.sharding.spec[0] == ('data', 'fsdp')
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_variable_length_chains_blocks_and_stops_per_row():
+  params = make_params(LLADA)
+  prompt, mask = padded_prompts(LLADA, b=2)
+  p, w = prompt.shape[1], 4
+  full = sampling.sample(LLADA, params, prompt, mask, gen_length=3 * w, block_length=w, steps=2,
+                         variable_length=True)
+  toks = np.asarray(full.tokens)
+  # Block 1 is denoised with nothing after it visible, then block 2 after block 1.
+  first = sampling.generate(LLADA, params, prompt, mask, gen_length=w, block_length=w, steps=2)
+  np.testing.assert_array_equal(toks[:, :p + w], np.asarray(first))
+  second = sampling.generate(LLADA, params, toks[:, :p + w], np.pad(mask, ((0, 0), (0, w)),
+                             constant_values=1), gen_length=w, block_length=w, steps=2)
+  np.testing.assert_array_equal(toks[:, :p + 2 * w], np.asarray(second))
+  # Stop row 0 on a token sequence it generates in block 1; row 1 must not change.
+  stop = tuple(int(t) for t in toks[0, p + 1:p + 3])
+  assert stop not in {tuple(toks[1, j:j + 2]) for j in range(p, p + 3 * w - 1)}
+  cut = sampling.sample(LLADA, params, prompt, mask, gen_length=3 * w, block_length=w, steps=2,
+                        variable_length=True, stop_ids=[stop])
+  cut_toks = np.asarray(cut.tokens)
+  np.testing.assert_array_equal(np.asarray(cut.done), [True, False])
+  np.testing.assert_array_equal(cut_toks[0, :p + w], toks[0, :p + w])
+  assert np.all(cut_toks[0, p + w:] == LLADA.eos_token_id)
+  np.testing.assert_array_equal(cut_toks[1], toks[1])
+  # EOS: a row stops at the end of the block in which its first EOS appears.
+  eparams = make_params(LLADA, end_boost=1.)
+  out = sampling.sample(LLADA, eparams, prompt, mask, gen_length=4 * w, block_length=w, steps=2,
+                        variable_length=True)
+  gen = np.asarray(out.tokens)[:, p:]
+  for r in range(2):
+    hits = np.flatnonzero(np.isin(gen[r], [LLADA.eos_token_id, LLADA.eot_token_id]))
+    assert hits.size, 'the boosted model should emit EOS/EOT'
+    stop_block = hits[0] // w
+    assert bool(out.done[r])
+    assert np.all(np.asarray(out.commit_step)[r, p + (stop_block + 1) * w:] == -1)
+    assert np.all(gen[r, (stop_block + 1) * w:] == LLADA.eos_token_id)
+
+
+def test_kv_window_equals_full_hidden():
+  for cfg in (LLADA, ILLADA):
+    params = make_params(cfg)
+    prompt, mask = padded_prompts(cfg, p=12)
+    hidden = jax.jit(lambda p, t, m: illada_jax.Transformer(cfg).apply(
+        {'params': p}, t, m, method='hidden'))(params, prompt, mask)
+    h_full, cache = jax.jit(kv_forward.forward_with_kv, static_argnums=0)(cfg, params, prompt, mask)
+    np.testing.assert_allclose(h_full, hidden, atol=1e-4, rtol=1e-4)
+    h_win, _ = jax.jit(kv_forward.forward_window, static_argnums=0)(
+        cfg, params, prompt[:, 4:9], 4, cache, mask)
+    np.testing.assert_allclose(h_win, hidden[:, 4:9], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('cache', [None, 'dual', 'prefix'])
+def test_threshold_one_with_fresh_cache_equals_fixed(cache):
+  params = make_params(LLADA)
+  prompt, mask = padded_prompts(LLADA)
+  kw = dict(gen_length=8, block_length=4)
+  want = sampling.sample(LLADA, params, prompt, mask, steps=8, **kw)
+  got = sampling.sample(LLADA, params, prompt, mask, steps=8, threshold=1.0, cache=cache,
+                        cache_refresh=1, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.commit_step), np.asarray(want.commit_step))
+  assert int(got.nfe) == 8
+
+
+def test_cache_once_per_block_and_threshold_parallel():
+  params = make_params(LLADA)
+  prompt, mask = padded_prompts(LLADA)
+  kw = dict(gen_length=8, block_length=4, steps=4)
+  fixed = np.asarray(sampling.generate(LLADA, params, prompt, mask, **kw))
+  for cache in ('dual', 'prefix'):  # fixed schedule, approximate K/V between refreshes
+    out = sampling.sample(LLADA, params, prompt, mask, cache=cache, **kw)
+    assert int(out.nfe) == 4
+    toks = np.asarray(out.tokens)
+    assert not np.any(toks == LLADA.mask_token_id)
+    # The first step of each block is an exact full pass.
+    first = np.asarray(out.commit_step) == 0
+    np.testing.assert_array_equal(toks[first], fixed[first])
+  fast = sampling.sample(LLADA, params, prompt, mask, gen_length=8, block_length=4, steps=8,
+                         threshold=0.3, cache='dual')
+  assert 2 <= int(fast.nfe) < 8
+  assert not np.any(np.asarray(fast.tokens) == LLADA.mask_token_id)
