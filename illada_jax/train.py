@@ -159,6 +159,9 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, mesh):
       metrics['lr'] = schedule(state['step'])
       updates, opt_state = tx.update(grads, state['opt_state'], params)
       params = optax.apply_updates(params, updates)
+      # A finite loss with overflowing new parameters must not be checkpointed either.
+      metrics['params_finite'] = jnp.all(jnp.stack(
+          [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])).astype(jnp.float32)
       return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
 
   return step_fn
@@ -388,9 +391,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
     pending.clear()
     for s, m in host:
       loss = float(m['loss'])
-      if not math.isfinite(loss):
+      if not math.isfinite(loss) or not m['params_finite']:
+        what = f'loss {loss}' if not math.isfinite(loss) else 'parameters after the update'
         raise FloatingPointError(
-            f'non-finite loss {loss} at step {s}: stopping without saving this state; '
+            f'non-finite {what} at step {s}: stopping without saving this state; '
             f'the last good checkpoint is step {mngr.latest_step()} in {mngr.directory}')
       losses[s] = loss
     s, m = host[-1]

@@ -1,0 +1,24 @@
+"""Pre-training a tiny iLLaDA on Tiny Shakespeare (CPU-sized).
+
+  illada-train --config configs/shakespeare_tiny.py \
+      --set data.paths="('/path/to/tinyshakespeare.txt',)" --set data.tokenizer=/path/to/sp.model
+
+The tokenizer must cover the text and put MASK at id 5 (see
+`illada_jax.text_tokenizer.train_sentencepiece`).
+"""
+
+from illada_jax.configs.models import ILLADA_TINY
+from illada_jax.data import DataConfig
+from illada_jax.optimizer import OptimizerConfig
+from illada_jax.train import TrainConfig
+
+CONFIG = TrainConfig(
+    model=ILLADA_TINY.replace(vocab_size=1024, param_dtype='float32', compute_dtype='float32',
+                              remat_policy='none'),
+    objective='pretrain',
+    data=DataConfig(paths=('/work/shared/data/tinyshakespeare.txt',),
+                    tokenizer='/tmp/illada_shakespeare/sp.model'),
+    optimizer=OptimizerConfig(lr=1e-3, schedule='wsd', warmup_steps=100, total_steps=2000,
+                              weight_decay=0.1),
+    batch_size=32, seq_len=256, steps=2000, workdir='/tmp/illada_shakespeare',
+    log_every=10, eval_every=200, checkpoint_every=500, loss_chunk=128)

@@ -1,0 +1,180 @@
+"""Train loop: exact resume, SIGTERM, NaN stop, SIGKILL during a save, CLI overrides."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from illada_jax import data, get_preset, text_tokenizer, train
+from illada_jax.optimizer import OptimizerConfig
+
+SHAKESPEARE = '/work/shared/data/tinyshakespeare.txt'
+
+MODEL = get_preset('illada_tiny').replace(
+    num_layers=1, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_hidden=64,
+    vocab_size=128, param_dtype='float32', compute_dtype='float32', remat_policy='none')
+
+
+def make_data(root):
+  text = open(SHAKESPEARE).read()[:60000] if os.path.exists(SHAKESPEARE) else (
+      'to be or not to be\n\nthat is the question\n\n' * 500)
+  path = os.path.join(root, 'docs.jsonl')
+  data.write_jsonl(path, [{'text': d} for d in text.split('\n\n') if d.strip()])
+  tok = os.path.join(root, 'sp')
+  if not os.path.exists(tok + '.model'):
+    text_tokenizer.train_sentencepiece(text.split('\n'), tok, vocab_size=MODEL.vocab_size)
+  return path, tok + '.model'
+
+
+def tiny_config(root, **kw):
+  docs, tok = make_data(root)
+  base = dict(model=MODEL, data=data.DataConfig(paths=(docs,), tokenizer=tok),
+              optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2, total_steps=8),
+              batch_size=8, grad_accum=2, seq_len=16, steps=8, mesh='data=2,fsdp=2,tensor=2',
+              workdir=os.path.join(root, 'run'), log_every=1, checkpoint_every=3,
+              progress_bar=False, loss_chunk=8)
+  base.update(kw)
+  return train.TrainConfig(**base)
+
+
+def test_exact_resume(tmp_path):
+  cfg = tiny_config(str(tmp_path), random_length_prob=0.3)
+  full = train.train(dataclasses.replace(cfg, workdir=str(tmp_path / 'full')))
+  assert full['stopped'] == 'done' and sorted(full['losses']) == list(range(1, 9))
+  part = train.train(dataclasses.replace(cfg, workdir=str(tmp_path / 'part')), stop_after=4)
+  assert part['stopped'] == 'stop_after' and part['final_step'] == 4
+  rest = train.train(dataclasses.replace(cfg, workdir=str(tmp_path / 'part')))
+  assert sorted(rest['losses']) == [5, 6, 7, 8]
+  got = {**part['losses'], **rest['losses']}
+  assert got == full['losses']  # bitwise: same masks, data order and updates
+  params_a = jax.device_get(full['state']['params'])
+  params_b = jax.device_get(rest['state']['params'])
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  # The step directory is a converter-format checkpoint (params item + model_config.json).
+  step_dir = rest['checkpoint_dir']
+  assert os.path.exists(os.path.join(step_dir, 'model_config.json'))
+  from illada_jax import checkpoint
+  mcfg, params = checkpoint.load_checkpoint(step_dir)
+  assert mcfg == MODEL
+  jax.tree.map(np.testing.assert_array_equal, params, params_b)
+  metrics = [json.loads(l) for l in open(tmp_path / 'full' / 'metrics.jsonl')]
+  assert {'loss', 'masked_accuracy', 'lr', 'grad_norm', 'tokens_per_sec', 'mfu'} <= set(metrics[-1])
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+  cfg = tiny_config(str(tmp_path), checkpoint_every=1, async_checkpoints=False,
+                    optimizer=OptimizerConfig(lr=1e36, warmup_steps=0, schedule='constant',
+                                              clip_norm=0.0, weight_decay=0.0))
+  with pytest.raises(FloatingPointError, match='non-finite'):
+    train.train(cfg)
+  mngr = train.checkpoint_manager(cfg)
+  last = mngr.latest_step()
+  assert last is not None and last >= 1
+  tx = train.opt_lib.make_optimizer(cfg.optimizer)
+  mesh = train.sharding.make_mesh(cfg.mesh)
+  abstract, _ = train.state_shardings(cfg, mesh, tx)
+  state = train.restore(mngr, last, abstract, None)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
+
+
+def test_override():
+  cfg = train.TrainConfig()
+  cfg = train.override(cfg, 'optimizer.lr', '1e-3')
+  cfg = train.override(cfg, 'model.num_layers', '2')
+  cfg = train.override(cfg, 'data.paths', "('a.txt', 'b.txt')")
+  cfg = train.override(cfg, 'async_checkpoints', 'false')
+  assert cfg.optimizer.lr == 1e-3 and cfg.model.num_layers == 2
+  assert cfg.data.paths == ('a.txt', 'b.txt') and cfg.async_checkpoints is False
+  with pytest.raises(ValueError, match='no field'):
+    train.override(cfg, 'optimizer.lrr', '1')
+
+
+def _write_config(root, **kw):
+  cfg = tiny_config(root, **kw)
+  path = os.path.join(root, 'cfg.py')
+  with open(path, 'w') as f:
+    f.write(textwrap.dedent(f'''
+        import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_train import tiny_config
+        CONFIG = tiny_config({root!r}, steps={cfg.steps}, checkpoint_every={cfg.checkpoint_every},
+                             mesh='data=1,fsdp=2,tensor=1', optimizer=__import__(
+                                 'illada_jax.optimizer').optimizer.OptimizerConfig(
+                                 total_steps={cfg.steps}))
+        '''))
+  return path, cfg
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return env
+
+
+def _spawn(cfg_path):
+  return subprocess.Popen([sys.executable, '-m', 'illada_jax.cli.train', '--config', cfg_path],
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(pred, proc, timeout=180):
+  t0 = time.time()
+  while not pred():
+    if proc.poll() is not None:
+      raise AssertionError(f'process exited early:\n{proc.stdout.read()}')
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError('timeout')
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  root = str(tmp_path)
+  path, cfg = _write_config(root, steps=100000, checkpoint_every=0)
+  proc = _spawn(path)
+  metrics = os.path.join(cfg.workdir, 'metrics.jsonl')
+  _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'sigterm at step' in out
+  steps = train.checkpoint_manager(cfg).all_steps()
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+  root = str(tmp_path)
+  path, cfg = _write_config(root, steps=100000, checkpoint_every=1)
+  proc = _spawn(path)
+  ckpt = os.path.join(cfg.workdir, 'checkpoints')
+
+  def saving_after_a_commit():
+    if not os.path.isdir(ckpt):
+      return False
+    names = os.listdir(ckpt)
+    return any(n.isdigit() for n in names) and any('tmp' in n for n in names)
+
+  _wait_for(saving_after_a_commit, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  mngr = train.checkpoint_manager(dataclasses.replace(cfg, mesh='data=1,fsdp=-1,tensor=1'))
+  last = mngr.latest_step()
+  assert last is not None
+  tx = train.opt_lib.make_optimizer(cfg.optimizer)
+  mesh = train.sharding.make_mesh('data=1,fsdp=-1,tensor=1')
+  abstract, _ = train.state_shardings(cfg, mesh, tx)
+  state = train.restore(mngr, last, abstract, None)
+  assert int(state['step']) == last
+  # And training resumes from it.
+  proc = subprocess.run([sys.executable, '-m', 'illada_jax.cli.train', '--config', path,
+                         '--stop-after', str(last + 2)], env=_env(), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert f'at step {last + 2}' in proc.stdout
