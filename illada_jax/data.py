@@ -203,6 +203,9 @@ def make_dataset(cfg: DataConfig, *, batch_size: int, seq_len: int, objective: s
     raise ValueError(f'objective={objective!r}; use pretrain or sft')
   ds = ds.batch(batch_size, drop_remainder=True)
   if cfg.worker_count > 0:
+    from absl import flags  # Grain workers read absl flags; outside an absl app, use defaults
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.worker_count, per_worker_buffer_size=cfg.prefetch_buffer))
   return ds

@@ -79,11 +79,14 @@ def load(path: str) -> Tokenizer:
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int, *,
                         model_type: str = 'unigram', split_digits: bool = True,
+                        add_dummy_prefix: bool = True,
                         user_symbols: Sequence[str] = ()) -> Tokenizer:
   """Trains a SentencePiece model on `texts`; writes `{model_prefix}.model`.
 
   Ids: BOS 0, PAD 1, EOS 2, UNK 3, EOT 4, MASK 5, then `user_symbols`, then
   learned pieces. Digits are split so numbers tokenize one digit per piece.
+  Without `add_dummy_prefix` no '▁' is prepended to every encoded string
+  (better for short structured strings such as `12+34=`).
   """
   import sentencepiece as spm
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
@@ -92,7 +95,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
       sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
       model_type=model_type, bos_id=0, pad_id=1, eos_id=2, unk_id=3,
       user_defined_symbols=[EOT_PIECE, MASK_PIECE, *user_symbols],
-      split_digits=split_digits, character_coverage=1.0, hard_vocab_limit=False,
+      split_digits=split_digits, add_dummy_prefix=add_dummy_prefix, character_coverage=1.0, hard_vocab_limit=False,
       minloglevel=2, num_threads=1)
   with open(model_prefix + '.model', 'wb') as f:
     f.write(model.getvalue())

@@ -310,6 +310,7 @@ class _Writer:
       for k, v in metrics.items():
         self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.jsonl.flush()
 
   def close(self):
     if self.enabled:

@@ -1,0 +1,210 @@
+"""Compile the real train step (and a sampler step) for a TPU topology, on this CPU.
+
+  python tools/aot_compile.py --preset illada_8b --topology v5p-256 --seq-len 8192 \
+      --per-device-batch 16
+  python tools/aot_compile.py --preset illada_8b --topology v6e-256 --seq-len 8192 --search
+
+Nothing runs: `jax.jit(...).lower(abstract inputs).compile()` against the
+topology's devices (libtpu is the compiler) catches sharding errors and
+out-of-memory before any TPU time is spent. Prints per-chip argument,
+output, temporary and peak memory against the chip's HBM. `--search`
+doubles then bisects the per-device batch to the largest that fits.
+
+State layout of the plan: fsdp over every chip, float32 master weights and
+AdamW moments, bfloat16 matmuls, full remat per layer, splash attention, the
+chunked LM head + CE of `illada_jax.loss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from illada_jax import get_preset, sharding  # noqa: E402
+from illada_jax import optimizer as opt_lib  # noqa: E402
+from illada_jax import train as train_lib  # noqa: E402
+
+GiB = 2 ** 30
+
+# Product name -> (topology descriptor, HBM per chip in bytes). v4/v5p names
+# count TensorCores (2 per chip); v5e/v6e names count chips.
+TOPOLOGIES = {
+    'v5p-8': ('v5p:2x2x1', 95 * GiB),
+    'v5p-16': ('v5p:2x2x2', 95 * GiB),
+    'v5p-32': ('v5p:2x2x4', 95 * GiB),
+    'v5p-64': ('v5p:2x4x4', 95 * GiB),
+    'v5p-128': ('v5p:4x4x4', 95 * GiB),
+    'v5p-256': ('v5p:4x4x8', 95 * GiB),
+    'v5p-512': ('v5p:4x8x8', 95 * GiB),
+    'v6e-8': ('v6e:2x4', 32 * GiB),
+    'v6e-16': ('v6e:4x4', 32 * GiB),
+    'v6e-64': ('v6e:8x8', 32 * GiB),
+    'v6e-256': ('v6e:16x16', 32 * GiB),
+    'v5e-256': ('v5litepod:16x16', 16 * GiB),
+}
+
+
+def topology_devices(name: str):
+  desc, hbm = TOPOLOGIES.get(name, (name, None))
+  topo = topologies.get_topology_desc(desc, 'tpu')
+  return topo.devices, hbm
+
+
+def train_config(args, n_devices: int, per_device_batch: int) -> train_lib.TrainConfig:
+  model = get_preset(args.preset).replace(
+      param_dtype=args.param_dtype, compute_dtype='bfloat16', remat_policy=args.remat,
+      attention_impl=args.attention, scan_layers=True)
+  return train_lib.TrainConfig(
+      model=model, objective=args.objective,
+      optimizer=opt_lib.OptimizerConfig(state_dtype=args.state_dtype),
+      batch_size=per_device_batch * n_devices, grad_accum=1, seq_len=args.seq_len,
+      mesh=args.mesh, loss_chunk=args.loss_chunk)
+
+
+def compile_train_step(cfg: train_lib.TrainConfig, devices):
+  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  tx = opt_lib.make_optimizer(cfg.optimizer)
+  abstract_state, _ = train_lib.state_shardings(cfg, mesh, tx)
+  bs = train_lib.batch_sharding(mesh)
+  tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=bs)
+  batch = {'tokens': tokens}
+  if cfg.objective == 'sft':
+    batch['response_mask'] = tokens
+  step = train_lib.jit_train_step(cfg, tx, mesh)
+  return step.lower(abstract_state, batch).compile()
+
+
+def compile_sampler_step(cfg: train_lib.TrainConfig, devices, batch: int, prompt: int, gen: int):
+  """One fixed-step `generate` call (block = gen, 1 step) for the bf16 model."""
+  from illada_jax import model as model_lib
+  from illada_jax import sampling
+  mcfg = cfg.model.replace(param_dtype='bfloat16', remat_policy='none')
+  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  params = model_lib.abstract_params(mcfg, mesh)
+  spec = jax.NamedSharding(mesh, sharding.logical_to_spec(('act_batch', None)))
+  prompt_BP = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=spec)
+  mask_BP = jax.ShapeDtypeStruct((batch, prompt), jnp.bool_, sharding=spec)
+  o = sampling.SampleOptions(gen_length=gen, block_length=gen, steps=1)
+  fn = jax.jit(sampling._sample, static_argnums=(0, 1, 2))
+  return fn.lower(mcfg, mesh, o, params, prompt_BP, mask_BP, jax.random.key(0)).compile()
+
+
+def memory(compiled) -> dict[str, float]:
+  m = compiled.memory_analysis()
+  out = {k: getattr(m, f'{k}_size_in_bytes', 0) / GiB
+         for k in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  out['peak'] = getattr(m, 'peak_memory_in_bytes', 0) / GiB
+  return out
+
+
+def try_batch(args, devices, hbm, per_device_batch: int) -> dict:
+  cfg = train_config(args, len(devices), per_device_batch)
+  t = time.perf_counter()
+  try:
+    mem = memory(compile_train_step(cfg, devices))
+    fits = hbm is None or mem['peak'] * GiB <= hbm
+    err = None
+  except Exception as e:  # noqa: BLE001  (a compile-time OOM is an answer here)
+    mem, fits, err = None, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+  row = {'per_device_batch': per_device_batch, 'fits': fits, 'memory_gib': mem,
+         'compile_seconds': time.perf_counter() - t, 'error': err}
+  _print_row(args, len(devices), hbm, row)
+  return row
+
+
+def _print_row(args, n, hbm, row):
+  b = row['per_device_batch']
+  if row['memory_gib'] is None:
+    print(f'{args.preset} {args.topology} ({n} chips) L={args.seq_len} per-device batch {b}: '
+          f'does not compile: {row["error"]}', flush=True)
+    return
+  m = row['memory_gib']
+  hbm_txt = f' / HBM {hbm / GiB:.0f} GiB' if hbm else ''
+  print(f'{args.preset} {args.topology} ({n} chips) L={args.seq_len} per-device batch {b}: '
+        f'args {m["argument"]:.2f} GiB, out {m["output"]:.2f}, temp {m["temp"]:.2f}, '
+        f'peak {m["peak"]:.2f} GiB{hbm_txt} -> {"fits" if row["fits"] else "DOES NOT FIT"} '
+        f'(compiled in {row["compile_seconds"]:.0f}s)', flush=True)
+
+
+def search(args, devices, hbm, start: int) -> list[dict]:
+  """Largest per-device batch that fits: double from `start`, then bisect."""
+  rows = []
+  lo, hi = 0, None
+  b = start
+  while hi is None:
+    rows.append(try_batch(args, devices, hbm, b))
+    if rows[-1]['fits']:
+      lo, b = b, b * 2
+    else:
+      hi = b
+    if b > 4096:
+      break
+  while hi is not None and hi - lo > 1:
+    mid = (lo + hi) // 2
+    rows.append(try_batch(args, devices, hbm, mid))
+    if rows[-1]['fits']:
+      lo = mid
+    else:
+      hi = mid
+  print(f'largest per-device batch that fits: {lo}', flush=True)
+  return rows
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--preset', default='illada_8b')
+  ap.add_argument('--topology', default='v5p-256',
+                  help=f'one of {sorted(TOPOLOGIES)} or a descriptor like v5p:4x4x8')
+  ap.add_argument('--seq-len', type=int, default=8192)
+  ap.add_argument('--per-device-batch', type=int, default=16)
+  ap.add_argument('--search', action='store_true', help='find the largest per-device batch')
+  ap.add_argument('--mesh', default='data=1,fsdp=-1,tensor=1')
+  ap.add_argument('--objective', default='pretrain', choices=('pretrain', 'sft'))
+  ap.add_argument('--attention', default='splash', help="attention_impl ('xla', 'splash', ...)")
+  ap.add_argument('--remat', default='full')
+  ap.add_argument('--param-dtype', default='float32')
+  ap.add_argument('--state-dtype', default='float32', help='AdamW first-moment dtype')
+  ap.add_argument('--loss-chunk', type=int, default=256)
+  ap.add_argument('--sampler', action='store_true',
+                  help='also compile one sampler step (batch = chips, prompt 1024, gen 256)')
+  ap.add_argument('--json', default=None, help='append result rows to this JSONL file')
+  args = ap.parse_args(argv)
+
+  devices, hbm = topology_devices(args.topology)
+  print(f'{args.topology}: {len(devices)} chips ({devices[0].device_kind}), '
+        f'HBM {hbm / GiB if hbm else "?"} GiB per chip; params {args.param_dtype}, '
+        f'AdamW mu {args.state_dtype} / nu float32, remat {args.remat}, '
+        f'attention {args.attention}, loss chunk {args.loss_chunk}', flush=True)
+  if args.search:
+    rows = search(args, devices, hbm, args.per_device_batch)
+  else:
+    rows = [try_batch(args, devices, hbm, args.per_device_batch)]
+  if args.sampler:
+    cfg = train_config(args, len(devices), 1)
+    t = time.perf_counter()
+    mem = memory(compile_sampler_step(cfg, devices, len(devices), 1024, 256))
+    print(f'sampler step (batch {len(devices)}, prompt 1024 + gen 256, bf16 params): '
+          f'peak {mem["peak"]:.2f} GiB per chip (compiled in {time.perf_counter() - t:.0f}s)',
+          flush=True)
+    rows.append({'sampler': True, 'memory_gib': mem})
+  if args.json:
+    with open(args.json, 'a') as f:
+      for r in rows:
+        f.write(json.dumps({**vars(args), **r}) + '\n')
+  return 0 if all(r.get('fits', True) for r in rows if not args.search) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
