@@ -22,7 +22,15 @@ parameter (3.8 GB for the 8B gate) never exists in memory, while Orbax keeps
 ownership of the format. The zarr3 layout is chosen for streaming: one
 outer chunk per written block (one layer of a stacked parameter, or a row
 block of a [V, D] table), so a block is written once and never re-read, and
-smaller inner chunks for sharded restores.
+smaller inner chunks for sharded restores. The streamed item is plain zarr3
+(no OCDBT): each leaf is its own TensorStore array that can be written
+piecewise; Orbax restores OCDBT and plain items alike, so `save_checkpoint`
+keeps Orbax's defaults.
+
+Rejected alternatives: saving whole stacked leaves with Orbax (one 8B MLP
+stack is 3.8 GB, over the 3 GB budget), saving per-layer leaves (a different
+tree than the model's scanned params), and writing zarr directories and
+Orbax's metadata files by hand (a copy of Orbax internals that would drift).
 """
 
 from __future__ import annotations
@@ -244,6 +252,10 @@ def _zarr3_metadata(leaf: LazyArray) -> dict[str, Any]:
 class _LazyArrayHandler(oth.NumpyHandler):
   """Saves `LazyArray` leaves; on disk they are ordinary numpy-array leaves."""
 
+  def __init__(self, context: ts.Context):
+    super().__init__()
+    self._context = context
+
   def typestr(self) -> str:
     return 'np.ndarray'
 
@@ -261,7 +273,7 @@ class _LazyArrayHandler(oth.NumpyHandler):
           info, use_ocdbt=False, global_shape=leaf.shape, local_shape=leaf.shape,
           dtype=np.dtype(leaf.dtype), arg=arg)
       spec['metadata'] = _zarr3_metadata(leaf)
-      array = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+      array = await ts.open(ts.Spec(spec), create=True, open=True, context=self._context)
       await _write_blocks(array, leaf)
 
 
@@ -289,11 +301,26 @@ async def _finish(pending, leaf: LazyArray):
 
 def save_streaming(item_dir: str | os.PathLike, tree) -> None:
   """Saves a pytree of `LazyArray` as an Orbax PyTree item at new directory `item_dir`."""
-  registry = oth.create_type_handler_registry((LazyArray, _LazyArrayHandler()))
+  # One fsync per file at the end instead of one per chunk: the kernel then
+  # writes back while we read (2 GB, 2-layer 8B shapes: 18.8 s -> 10.6 s here).
+  context = ts.Context({'file_io_sync': False})
+  registry = oth.create_type_handler_registry((LazyArray, _LazyArrayHandler(context)))
   handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True,
                                         type_handler_registry=registry)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(os.path.abspath(item_dir), args=ocp.args.PyTreeSave(tree))
+  fsync_tree(item_dir)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+  """Flushes every file under `root` (and the directories) to disk."""
+  for d, _, files in os.walk(root):
+    for name in files + ['.']:
+      fd = os.open(os.path.join(d, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
 
 
 # -- streaming read ---------------------------------------------------------------

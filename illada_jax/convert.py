@@ -27,9 +27,11 @@ import glob
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import ml_dtypes
@@ -285,12 +287,25 @@ def to_param(kind: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 def from_param(kind: str, p: np.ndarray) -> np.ndarray:
   """Inverse of `to_param`: parameter slice -> contiguous HF tensor."""
   if kind == 'qkv':
-    p = p.reshape(p.shape[0], -1).T
-  elif kind == 'o':
-    p = p.reshape(-1, p.shape[-1]).T
-  elif kind in ('linear', 'head'):
-    p = p.T
+    return transpose2d(p.reshape(p.shape[0], -1))
+  if kind == 'o':
+    return transpose2d(p.reshape(-1, p.shape[-1]))
+  if kind in ('linear', 'head'):
+    return transpose2d(p)
   return np.ascontiguousarray(p)
+
+
+def transpose2d(a: np.ndarray, tile: int = 256) -> np.ndarray:
+  """`a.T` as a new C-contiguous array, copied tile by tile.
+
+  numpy's strided `.T` copy of a [14336, 4096] bfloat16 matrix misses the
+  cache on every element; 256 x 256 tiles make it ~3x faster.
+  """
+  out = np.empty(a.shape[::-1], a.dtype)
+  for r0 in range(0, a.shape[0], tile):
+    for c0 in range(0, a.shape[1], tile):
+      out[c0:c0 + tile, r0:r0 + tile] = a[r0:r0 + tile, c0:c0 + tile].T
+  return out
 
 
 def _table_rows(row_bytes: int, rows: int) -> int:
@@ -564,6 +579,7 @@ def write_safetensors(dst_dir: str, tensors: list[OutTensor], shard_size: int,
     size += t.nbytes
   n = len(shards)
   weight_map = {}
+  headers = []
   for k, shard in enumerate(shards, 1):
     fname = f'model-{k:05d}-of-{n:05d}.safetensors'
     header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
@@ -576,24 +592,71 @@ def write_safetensors(dst_dir: str, tensors: list[OutTensor], shard_size: int,
                         'data_offsets': [offset, offset + t.nbytes]}
       offset += t.nbytes
       weight_map[t.name] = fname
-    raw = json.dumps(header, separators=(',', ':')).encode()
-    raw += b' ' * (-len(raw) % 8)
-    with open(os.path.join(dst_dir, fname), 'wb') as f:
-      f.write(len(raw).to_bytes(8, 'little'))
-      f.write(raw)
-      for t in shard:
-        written = 0
-        for chunk in t.chunks():
-          chunk = np.ascontiguousarray(chunk, dtype=t.dtype)
-          f.write(chunk.reshape(-1).view(np.uint8).data)
-          written += chunk.nbytes
-          if on_bytes is not None:
-            on_bytes(chunk.nbytes)
-        if written != t.nbytes:
-          raise RuntimeError(f'tensor {t.name}: produced {written} bytes, expected {t.nbytes}')
+    headers.append((fname, header))
+  # Chunks are produced (read, transposed) in a worker thread while this one
+  # writes: the two halves of the work overlap on two cores.
+  stream = _in_background((t, c) for shard in shards for t in shard for c in t.chunks())
+  try:
+    for (fname, header), shard in zip(headers, shards):
+      raw = json.dumps(header, separators=(',', ':')).encode()
+      raw += b' ' * (-len(raw) % 8)
+      with open(os.path.join(dst_dir, fname), 'wb') as f:
+        f.write(len(raw).to_bytes(8, 'little'))
+        f.write(raw)
+        for t in shard:
+          written = 0
+          while written < t.nbytes:
+            owner, chunk = next(stream)
+            assert owner is t, (owner.name, t.name)
+            chunk = np.ascontiguousarray(chunk, dtype=t.dtype)
+            f.write(chunk.reshape(-1).view(np.uint8).data)
+            written += chunk.nbytes
+            if on_bytes is not None:
+              on_bytes(chunk.nbytes)
+          if written != t.nbytes:
+            raise RuntimeError(f'tensor {t.name}: produced {written} bytes, expected {t.nbytes}')
+        f.flush()
+        os.fsync(f.fileno())
+  finally:
+    stream.close()
   index = {'metadata': {'total_size': sum(t.nbytes for t in tensors)}, 'weight_map': weight_map}
   ckpt_lib.write_json(os.path.join(dst_dir, HF_INDEX), index)
   return index
+
+
+def _in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+  """Iterates `items` in a worker thread, at most `depth` ahead; re-raises its errors."""
+  q: queue.Queue = queue.Queue(depth)
+  stop = threading.Event()
+  done = object()
+
+  def produce():
+    try:
+      for item in items:
+        while not stop.is_set():
+          try:
+            q.put((item, None), timeout=0.1)
+            break
+          except queue.Full:
+            pass
+        if stop.is_set():
+          return
+      q.put((done, None))
+    except BaseException as e:  # handed to the consumer
+      q.put((done, e))
+
+  worker = threading.Thread(target=produce, daemon=True)
+  worker.start()
+  try:
+    while True:
+      item, error = q.get()
+      if error is not None:
+        raise error
+      if item is done:
+        return
+      yield item
+  finally:
+    stop.set()
 
 
 def _out_tensors(cfg: ModelConfig, arrays, tied_head: bool) -> list[OutTensor]:
