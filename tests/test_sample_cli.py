@@ -73,3 +73,34 @@ def test_score_cli_predicts_the_best_choice(ckpt, tmp_path, capsys):
                                                 ([7, 8], [15])])
   np.testing.assert_allclose(rec['scores'], want, rtol=1e-6)
   assert rec['prediction'] == int(np.argmax(want))
+
+
+class _Req:
+  def __init__(self, *args):
+    self.args = args
+
+
+def test_lm_eval_adapter_scores_and_generates(ckpt):
+  pytest.importorskip('lm_eval')
+  from lm_eval.api.registry import get_model
+  from illada_jax import lm_eval_adapter  # noqa: F401  (registers the model)
+  path, params = ckpt
+  lm = get_model('illada_jax').create_from_arg_string(f'ckpt={path},method=confidence,batch_size=4')
+  got = lm.loglikelihood([_Req('w1 w2', ' w3'), _Req('w1 w2', ' w4 w5')])
+  want = scoring.confidence_score(CFG, params, [([7, 8], [9]), ([7, 8], [10, 11])])
+  np.testing.assert_allclose([g for g, _ in got], want, rtol=1e-6)
+  mc = get_model('illada_jax').create_from_arg_string(f'ckpt={path},mc_num=1,mc_batch=1')
+  one = mc.loglikelihood([_Req('w1 w2', ' w3')])[0][0]
+  np.testing.assert_allclose(one, scoring.mc_log_likelihood(CFG, params, [([7, 8], [9])],
+                                                            mc_num=1, batch_size=1)[0], rtol=1e-6)
+  gen = get_model('illada_jax').create_from_arg_string(
+      f'ckpt={path},gen_length=8,block_length=4,steps=8')
+  texts = gen.generate_until([_Req('w1 w2 w3', {'until': ['w45'], 'max_gen_toks': 8}),
+                              _Req('w7', {'until': [], 'max_gen_toks': 8})])
+  ids, mask = chat.left_pad([[7, 8, 9], [13]], CFG.pad_token_id)
+  tokens = np.asarray(sampling.generate(CFG, params, ids, mask, gen_length=8, block_length=4,
+                                        steps=8))
+  tok = chat.load_tokenizer(path)
+  for r, text in enumerate(texts):
+    full = tok.decode(chat.completion_ids(CFG, tokens[r, 3:]))
+    assert text == (full.split('w45')[0] if r == 0 else full)

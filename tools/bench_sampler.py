@@ -1,0 +1,159 @@
+"""Sampler throughput on this host: ms per denoising step and tokens/s.
+
+  python tools/bench_sampler.py --preset illada_tiny --batch 4 --gen-length 64
+
+For fixed-step, threshold, and threshold + dual cache decoding it reports
+the jitted sampler's time per model call (step) and generated tokens/s, with
+two ratios:
+  vs_forward  step time / one jitted forward pass of the same [B, P+G] batch
+              (the sampler's own overhead; < 1.15 is the target for fixed-step)
+  vs_pyloop   step time / the same algorithm driven by a Python loop of
+              jitted calls (forward, then a jitted selection), as the
+              reference does in PyTorch
+Weights are random, scaled up (`--sharpen`) so confidences are high enough
+for the threshold to commit several tokens per step; NFE is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import illada_jax
+from illada_jax import kv_forward, sampling
+
+
+def timed(fn, repeats: int) -> float:
+  """Median seconds of `fn()` after one warm-up call (compilation)."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _select(cfg, o, logits_BWV, x_BW, m_B, i, key):
+  """One step's commit decision (fixed schedule or threshold) on a block's logits."""
+  x0_BW, conf_BW, is_end_BW = sampling.candidates(cfg, o, logits_BWV, key)
+  masked_BW = x_BW == cfg.mask_token_id
+  rank_BW = sampling.commit_rank(conf_BW, masked_BW, is_end_BW)
+  if o.threshold is None:
+    s = o.steps_per_block
+    commit_BW = masked_BW & (rank_BW < (m_B // s + (i < m_B % s))[:, None])
+  else:
+    sure_BW = jnp.where(is_end_BW, -jnp.inf, conf_BW) >= o.threshold
+    commit_BW = masked_BW & (sure_BW | (rank_BW == 0))
+  return jnp.where(commit_BW, x0_BW, x_BW)
+
+
+def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
+  """The same sampler as a host loop of jitted calls; returns (tokens, nfe)."""
+  b, p = prompt_BP.shape
+  w, l = o.block_length, p + o.gen_length
+  x = jnp.concatenate([prompt_BP, jnp.full((b, o.gen_length), cfg.mask_token_id, jnp.int32)], 1)
+  nfe = 0
+  fwd_kv = jax.jit(kv_forward.forward_with_kv, static_argnums=0)
+  fwd_win = jax.jit(kv_forward.forward_window, static_argnums=0)
+  head = jax.jit(kv_forward.head, static_argnums=0)
+  for blk in range(o.num_blocks):
+    lo = p + blk * w
+    m_B = jnp.sum(x[:, lo:lo + w] == cfg.mask_token_id, axis=1)
+    i = 0
+    while True:
+      if o.threshold is None and i >= o.steps_per_block:
+        break
+      if o.threshold is not None and not bool(jnp.any(x[:, lo:lo + w] == cfg.mask_token_id)):
+        break
+      if o.cache is None:
+        logits = illada_jax.forward(cfg, params, x)[:, lo:lo + w]
+      elif i == 0:
+        h, cache = fwd_kv(cfg, params, x)
+        logits = head(cfg, params, h[:, lo:lo + w])
+      else:
+        h, _ = fwd_win(cfg, params, x[:, lo:lo + w], lo, cache)
+        logits = head(cfg, params, h)
+      new = _select(cfg, o, logits, x[:, lo:lo + w], m_B, i, jax.random.fold_in(key, nfe))
+      x = x.at[:, lo:lo + w].set(new)
+      i += 1
+      nfe += 1
+  return x, nfe
+
+
+def run(preset='illada_tiny', batch=4, prompt_len=64, gen_length=64, block_length=16,
+        threshold=0.9, dtype='float32', sharpen=5.0, repeats=3, seed=0) -> dict:
+  cfg = illada_jax.get_preset(preset).replace(param_dtype=dtype, compute_dtype=dtype,
+                                              remat_policy='none')
+  params = jax.tree.map(lambda x: x * sharpen, illada_jax.init_params(cfg, jax.random.key(seed)))
+  rng = np.random.default_rng(seed)
+  prompt = jnp.asarray(rng.integers(10, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+  tokens = jnp.concatenate([prompt, jnp.full((batch, gen_length), cfg.mask_token_id,
+                                             jnp.int32)], 1)
+  key = jax.random.key(seed)
+  fwd = timed(lambda: illada_jax.forward(cfg, params, tokens), repeats)
+  common = dict(gen_length=gen_length, block_length=block_length, steps=gen_length)
+  variants = {'fixed': {}, 'threshold': {'threshold': threshold},
+              'threshold+dual_cache': {'threshold': threshold, 'cache': 'dual'},
+              'threshold+prefix_cache': {'threshold': threshold, 'cache': 'prefix'}}
+  rows = {}
+  for name, extra in variants.items():
+    out = sampling.sample(cfg, params, prompt, **common, **extra, key=key)
+    nfe = int(out.nfe)
+    t_jit = timed(lambda: sampling.sample(cfg, params, prompt, **common, **extra, key=key).tokens,
+                  repeats)
+    o = sampling.SampleOptions(**common, **extra)
+    if o.cache == 'prefix':  # the host loop has no prefix variant; compare with dual's
+      t_py, nfe_py = rows['threshold+dual_cache']['_py'], rows['threshold+dual_cache']['nfe']
+    else:
+      _, nfe_py = python_loop(cfg, params, o, prompt, key)
+      t_py = timed(lambda: python_loop(cfg, params, o, prompt, key)[0], max(1, repeats // 2))
+    step, step_py = t_jit / nfe, t_py / nfe_py
+    rows[name] = {'nfe': nfe, 'ms_per_step': 1e3 * step, 'tokens_per_s': batch * gen_length / t_jit,
+                  'vs_forward': step / fwd, 'vs_pyloop': step / step_py,
+                  'pyloop_ms_per_step': 1e3 * step_py, '_py': t_py}
+  for r in rows.values():
+    r.pop('_py')
+  return {'preset': preset, 'dtype': dtype, 'batch': batch, 'prompt_len': prompt_len,
+          'gen_length': gen_length, 'block_length': block_length, 'threshold': threshold,
+          'forward_ms': 1e3 * fwd, 'devices': str(jax.devices()[0].platform), 'results': rows}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--preset', default='illada_tiny')
+  p.add_argument('--batch', type=int, default=4)
+  p.add_argument('--prompt-len', type=int, default=64)
+  p.add_argument('--gen-length', type=int, default=64)
+  p.add_argument('--block-length', type=int, default=16)
+  p.add_argument('--threshold', type=float, default=0.9)
+  p.add_argument('--dtype', default='float32')
+  p.add_argument('--sharpen', type=float, default=5.0)
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--json', action='store_true')
+  args = p.parse_args(argv)
+  out = run(args.preset, args.batch, args.prompt_len, args.gen_length, args.block_length,
+            args.threshold, args.dtype, args.sharpen, args.repeats)
+  if args.json:
+    print(json.dumps(out, indent=1))
+    return
+  print(f"{out['preset']} {out['dtype']} B={out['batch']} P={out['prompt_len']} "
+        f"G={out['gen_length']} block={out['block_length']} tau={out['threshold']} "
+        f"on {out['devices']}: one jitted forward = {out['forward_ms']:.2f} ms")
+  print(f"{'variant':<24}{'NFE':>5}{'ms/step':>10}{'tok/s':>10}{'vs_forward':>12}"
+        f"{'pyloop ms/step':>16}{'vs_pyloop':>11}")
+  for name, r in out['results'].items():
+    print(f"{name:<24}{r['nfe']:>5}{r['ms_per_step']:>10.2f}{r['tokens_per_s']:>10.1f}"
+          f"{r['vs_forward']:>12.3f}{r['pyloop_ms_per_step']:>16.2f}{r['vs_pyloop']:>11.3f}")
+
+
+if __name__ == '__main__':
+  main()
