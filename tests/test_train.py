@@ -27,7 +27,8 @@ def make_data(root):
   text = open(SHAKESPEARE).read()[:60000] if os.path.exists(SHAKESPEARE) else (
       'to be or not to be\n\nthat is the question\n\n' * 500)
   path = os.path.join(root, 'docs.jsonl')
-  data.write_jsonl(path, [{'text': d} for d in text.split('\n\n') if d.strip()])
+  if not os.path.exists(path):
+    data.write_jsonl(path, [{'text': d} for d in text.split('\n\n') if d.strip()])
   tok = os.path.join(root, 'sp')
   if not os.path.exists(tok + '.model'):
     text_tokenizer.train_sentencepiece(text.split('\n'), tok, vocab_size=MODEL.vocab_size)

@@ -1,0 +1,38 @@
+"""Ahead-of-time compilation of the train and sampler steps for a TPU topology (on CPU)."""
+
+import importlib.util
+import os
+import types
+
+import pytest
+
+pytest.importorskip('libtpu')
+
+_TOOL = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'tools', 'aot_compile.py')
+
+
+def _tool():
+  spec = importlib.util.spec_from_file_location('aot_compile', _TOOL)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.tpu
+@pytest.mark.slow
+def test_small_preset_compiles_for_v5p_8(capsys):
+  aot = _tool()
+  devices, hbm = aot.topology_devices('v5p-8')
+  assert len(devices) == 4 and devices[0].platform == 'tpu'
+  args = types.SimpleNamespace(
+      preset='illada_tiny', topology='v5p-8', seq_len=256, mesh='data=1,fsdp=-1,tensor=1',
+      objective='pretrain', attention='splash', remat='full', param_dtype='float32',
+      state_dtype='float32', loss_chunk=64)
+  row = aot.try_batch(args, devices, hbm, per_device_batch=2)
+  assert row['error'] is None and row['fits']
+  mem = row['memory_gib']
+  assert 0 < mem['peak'] < 1 and mem['argument'] > 0
+  assert 'fits' in capsys.readouterr().out
+  cfg = aot.train_config(args, len(devices), 1)
+  compiled = aot.compile_sampler_step(cfg, devices, batch=4, prompt=64, gen=32)
+  assert compiled.memory_analysis().peak_memory_in_bytes > 0

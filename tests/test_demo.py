@@ -1,0 +1,42 @@
+"""The built-in demo end to end, very short (the full run is `illada-demo`)."""
+
+import json
+import os
+
+import pytest
+
+from illada_jax import demo, text_tokenizer
+
+
+def test_problems_are_held_out():
+  train, test = demo.make_problems(demo.DemoConfig(digits=2, train_size=500, test_size=50))
+  assert not {r['prompt'] for r in test} & {r['prompt'] for r in train}
+  assert all(str(eval(r['prompt'][:-1])) == r['response'] for r in train[:50])
+
+
+def test_prompt_encoding_and_trace(tmp_path):
+  tok = text_tokenizer.train_sentencepiece(
+      [f'{a}+{b}={a + b}' for a in range(0, 100, 3) for b in range(0, 100, 7)],
+      str(tmp_path / 'sp'), vocab_size=24, add_dummy_prefix=False)
+  ids, mask = demo.encode_prompts(tok, ['12+3=', '5+67='], 7)
+  assert ids[0, 1] == tok.bos_id and mask[0].sum() == 6 and mask[1].sum() == 6
+  assert demo.decode_answer(tok, tok.encode('15') + [tok.eos_id, tok.eos_id]) == '15'
+  import numpy as np
+  ans = np.array(tok.encode('15') + [tok.eos_id])
+  lines = demo.denoising_trace(tok, ans, np.array([2, 0, 1]), tok.mask_id)
+  assert lines[0].split()[2:] == ['_', '_', '_'] and lines[-1].split()[2:] == ['1', '5', '<eos>']
+
+
+@pytest.mark.slow
+def test_demo_cli_short_run(tmp_path, capsys):
+  from illada_jax.cli import demo as cli
+  out = str(tmp_path / 'demo')
+  assert cli.main(['--steps', '20', '--out', out, '--test-size', '16', '--no-progress',
+                   '--digits', '2']) == 0
+  text = capsys.readouterr().out
+  assert 'accuracy on 16 held-out problems' in text and 'denoising trace' in text
+  result = json.load(open(os.path.join(out, 'demo_result.json')))
+  assert 0.0 <= result['accuracy'] <= 1.0 and result['steps'] == 20
+  from illada_jax import checkpoint
+  cfg, _ = checkpoint.load_checkpoint(result['checkpoint'])
+  assert cfg.num_layers == demo.DemoConfig().layers
