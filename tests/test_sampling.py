@@ -191,6 +191,20 @@ def test_sharded_equals_single_device():
   got = sampling.generate(cfg, sharded, prompt, mask, **kw)
   assert got.sharding.spec[0] == ('data', 'fsdp')
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # The cached window pass computes the same values on the mesh (token equality
+  # of whole fast runs is left to tie-breaking of float noise, so compare values).
+  from illada_jax import sharding
+  def window(p, t, m):
+    with sharding.activation_sharding(sharding.mesh_of(p)):
+      _, cache = kv_forward.forward_with_kv(cfg, p, t, m)
+      return kv_forward.forward_window(cfg, p, t[:, 6:10], 6, cache, m)[0]
+  tokens = np.concatenate([prompt, np.full((4, 8), cfg.mask_token_id, np.int32)], 1)
+  full_mask = np.pad(mask, ((0, 0), (0, 8)), constant_values=1)
+  np.testing.assert_allclose(jax.jit(window)(sharded, tokens, full_mask),
+                             jax.jit(window)(params, tokens, full_mask), atol=1e-3, rtol=1e-4)
+  fast = sampling.sample(cfg, sharded, prompt, mask, threshold=0.9, cache='dual', **kw)
+  assert fast.tokens.sharding.spec[0] == ('data', 'fsdp')
+  assert not np.any(np.asarray(fast.tokens) == cfg.mask_token_id)
 
 
 def test_variable_length_chains_blocks_and_stops_per_row():
