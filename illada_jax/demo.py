@@ -2,7 +2,8 @@
 
 Everything is generated locally (no download):
 
-1. problems `a+b=` -> `a+b` with `a, b < 10^digits`, a held-out test set
+1. problems `a+b=` -> `a+b` with `a, b < 10^digits` written with fixed width
+   (`076+280=` -> `0356`), a held-out test set
    disjoint from the training set, written as JSONL;
 2. a SentencePiece tokenizer trained on that text (one piece per digit;
    MASK at id 5 as in iLLaDA);
@@ -36,7 +37,7 @@ class DemoConfig:
   digits: int = 3  # operands are uniform in [0, 10^digits)
   train_size: int = 100_000  # distinct training problems
   test_size: int = 500  # held-out problems (disjoint from training)
-  steps: int = 1500
+  steps: int = 800
   batch_size: int = 128
   lr: float = 3e-3
   layers: int = 3
@@ -53,8 +54,10 @@ def model_config(vocab_size: int = 32, layers: int = 3, d_model: int = 96):
       param_dtype='float32', compute_dtype='float32', remat_policy='none')
 
 
-def _problem(a: int, b: int) -> dict[str, str]:
-  return {'prompt': f'{a}+{b}=', 'response': str(a + b)}
+def _problem(a: int, b: int, digits: int) -> dict[str, str]:
+  # Fixed-width operands and sum: every digit keeps its place, so the model
+  # only has to learn the per-column rule and the carries.
+  return {'prompt': f'{a:0{digits}d}+{b:0{digits}d}=', 'response': f'{a + b:0{digits + 1}d}'}
 
 
 def make_problems(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
@@ -64,8 +67,8 @@ def make_problems(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
   total = n * n
   picks = rng.choice(total, size=min(cfg.train_size + cfg.test_size, total), replace=False)
   pairs = [(int(i // n), int(i % n)) for i in picks]
-  test = [_problem(a, b) for a, b in pairs[:cfg.test_size]]
-  train = [_problem(a, b) for a, b in pairs[cfg.test_size:]]
+  test = [_problem(a, b, cfg.digits) for a, b in pairs[:cfg.test_size]]
+  train = [_problem(a, b, cfg.digits) for a, b in pairs[cfg.test_size:]]
   return train, test
 
 

@@ -11,7 +11,8 @@ from illada_jax import demo, text_tokenizer
 def test_problems_are_held_out():
   train, test = demo.make_problems(demo.DemoConfig(digits=2, train_size=500, test_size=50))
   assert not {r['prompt'] for r in test} & {r['prompt'] for r in train}
-  assert all(str(eval(r['prompt'][:-1])) == r['response'] for r in train[:50])
+  assert all(int(r['prompt'][:2]) + int(r['prompt'][3:5]) == int(r['response']) for r in train)
+  assert all(len(r['prompt']) == 6 and len(r['response']) == 3 for r in train + test)
 
 
 def test_prompt_encoding_and_trace(tmp_path):

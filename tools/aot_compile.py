@@ -114,7 +114,8 @@ def try_batch(args, devices, hbm, per_device_batch: int) -> dict:
   t = time.perf_counter()
   try:
     mem = memory(compile_train_step(cfg, devices))
-    fits = hbm is None or mem['peak'] * GiB <= hbm
+    # Judged on the larger of XLA's peak estimate and arguments + temporaries.
+    fits = hbm is None or max(mem['peak'], mem['argument'] + mem['temp']) * GiB <= hbm
     err = None
   except Exception as e:  # noqa: BLE001  (a compile-time OOM is an answer here)
     mem, fits, err = None, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
@@ -134,7 +135,7 @@ def _print_row(args, n, hbm, row):
   hbm_txt = f' / HBM {hbm / GiB:.0f} GiB' if hbm else ''
   print(f'{args.preset} {args.topology} ({n} chips) L={args.seq_len} per-device batch {b}: '
         f'args {m["argument"]:.2f} GiB, out {m["output"]:.2f}, temp {m["temp"]:.2f}, '
-        f'peak {m["peak"]:.2f} GiB{hbm_txt} -> {"fits" if row["fits"] else "DOES NOT FIT"} '
+        f'args+temp {m["argument"] + m["temp"]:.2f}, peak {m["peak"]:.2f} GiB{hbm_txt} -> {"fits" if row["fits"] else "DOES NOT FIT"} '
         f'(compiled in {row["compile_seconds"]:.0f}s)', flush=True)
 
 
