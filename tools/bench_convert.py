@@ -76,8 +76,8 @@ def raw_copy(root: str, scratch: str) -> float:
   return seconds
 
 
-def run(cmd: list[str], evict_root: str) -> tuple[float, float, int]:
-  """(wall seconds, seconds of the final `sync`, peak RSS bytes) of `cmd` run cold."""
+def run(cmd: list[str], evict_root: str) -> tuple[float, float, int, float]:
+  """(wall s, final `sync` s, peak RSS bytes, CPU s) of `cmd` run cold."""
   evict(evict_root)
   t = time.perf_counter()
   proc = subprocess.Popen(cmd, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
@@ -87,7 +87,7 @@ def run(cmd: list[str], evict_root: str) -> tuple[float, float, int]:
     raise SystemExit(f'{cmd} failed with status {status}')
   t = time.perf_counter()
   os.sync()
-  return wall, time.perf_counter() - t, usage.ru_maxrss * 1024
+  return wall, time.perf_counter() - t, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> int:
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
                                   ('orbax-to-hf', orbax, back, ['--shard-size', '5GB'])):
       read_s, nbytes = raw_read(src)
       copy_s = raw_copy(src, os.path.join(work, 'copy'))
-      wall, sync_s, rss = run(convert_cmd + [name, src, dst, '--quiet'] + extra, src)
+      load0 = os.getloadavg()[0]
+      wall, sync_s, rss, cpu = run(convert_cmd + [name, src, dst, '--quiet'] + extra, src)
       gb = nbytes / 1e9
       report(f'{name}: raw read of {gb:.2f} GB: {read_s:.1f}s ({gb / read_s:.2f} GB/s)  ratio 1.00')
       report(f'{name}: raw copy + sync: {copy_s:.1f}s ({gb / copy_s:.2f} GB/s)  '
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
              f'{(wall + sync_s) / copy_s:.2f}x raw copy')
       report(f'{name}: peak RSS of the converter: {rss / 2**30:.2f} GiB  '
              f'ratio {rss / nbytes:.3f} of the checkpoint size')
+      report(f'{name}: CPU time of the converter (user+sys): {cpu:.1f}s  '
+             f'ratio {cpu / wall:.2f} of its wall time (load average {load0:.1f} at start, '
+             f'{os.getloadavg()[0]:.1f} at end, {os.cpu_count()} cores)')
       if name == 'hf-to-orbax' and not args.keep:
         shutil.rmtree(hf)
   finally:
