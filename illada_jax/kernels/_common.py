@@ -28,6 +28,20 @@ NT = (((1,), (1,)), ((), ()))
 TN = (((0,), (0,)), ((), ()))
 
 
+NN = (((1,), (0,)), ((), ()))
+
+
+def dot(a, b, dims=NN):
+  """float32-accumulating matmul with the precision fixed by the input dtype.
+
+  Explicit so that a global `jax_default_matmul_precision` does not leak into
+  the kernels: Mosaic refuses fp32 contract precision on bf16 operands, while
+  float32 operands should stay exact.
+  """
+  prec = jax.lax.Precision.HIGHEST if a.dtype == f32 else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
+
+
 def round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
@@ -79,7 +93,7 @@ def tiles(n: int, block: int, block_bwd: int, align: int = 8):
 
 def masked_scores(q, k, code_1S, scale: float):
   """float32 `scale * q @ k^T` [R, bk] with hidden keys at MASK_VALUE, padding at -inf."""
-  s = jax.lax.dot_general(q, k, NT, preferred_element_type=f32) * scale
+  s = dot(q, k, NT) * scale
   s = jnp.where(code_1S > 0, s, MASK_VALUE)
   return jnp.where(code_1S >= 0, s, -jnp.inf)
 
@@ -94,11 +108,11 @@ def probs_and_dscores_t(q, k, v, do, code_S1, m_1R, inv_l_1R, delta_1R, scale: f
   log(S). Hidden keys get no score gradient, like the `where` of the XLA
   reference.
   """
-  s_t = jax.lax.dot_general(k, q, NT, preferred_element_type=f32) * scale
+  s_t = dot(k, q, NT) * scale
   s_t = jnp.where(code_S1 > 0, s_t, MASK_VALUE)
   s_t = jnp.where(code_S1 >= 0, s_t, -jnp.inf)
   p_t = jnp.exp(s_t - m_1R) * inv_l_1R
-  dp_t = jax.lax.dot_general(v, do, NT, preferred_element_type=f32)
+  dp_t = dot(v, do, NT)
   ds_t = jnp.where(code_S1 > 0, p_t * (dp_t - delta_1R), 0.0)
   return p_t, ds_t
 

@@ -124,7 +124,7 @@ def _forward(q, k, v, code, t: _Tiles):
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       alpha = jnp.exp(m - m_new)  # 0 on the first tile (m = -inf)
       p = jnp.exp(s - m_new[:, None])
-      acc = acc * alpha[:, None] + jnp.dot(p.astype(v_.dtype), v_, preferred_element_type=f32)
+      acc = acc * alpha[:, None] + C.dot(p.astype(v_.dtype), v_)
       return acc, m_new, alpha * l + jnp.sum(p, axis=1)
 
     init = (jnp.zeros((br, dh), f32), jnp.full((br,), -jnp.inf, f32), jnp.zeros((br,), f32))
@@ -158,8 +158,8 @@ def _backward_kv(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
       p_t, ds_t = C.probs_and_dscores_t(q_, k_, v_, do_, code_, m_ref[sl][None, :],
                                         il_ref[sl][None, :], d_ref[sl][None, :], t.scale)
       # Rows hold every query head of the group, so these sums are the GQA sums.
-      dv = dv + jnp.dot(p_t.astype(do_.dtype), do_, preferred_element_type=f32)
-      dk = dk + jnp.dot(ds_t.astype(q_.dtype), q_, preferred_element_type=f32)
+      dv = dv + C.dot(p_t.astype(do_.dtype), do_)
+      dk = dk + C.dot(ds_t.astype(q_.dtype), q_)
       return dk, dv
 
     zeros = jnp.zeros((bk, dh), f32)
@@ -192,8 +192,7 @@ def _backward_q(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
       k_ = k_ref[sl, :]
       _, ds_t = C.probs_and_dscores_t(q_, k_, v_ref[sl, :], do_, code_ref[sl][:, None], m_,
                                       il_, d_, t.scale)
-      return dq + jax.lax.dot_general(ds_t.astype(k_.dtype), k_, C.TN,
-                                      preferred_element_type=f32)
+      return dq + C.dot(ds_t.astype(k_.dtype), k_, C.TN)
 
     dq = jax.lax.fori_loop(0, sp // bk, body, jnp.zeros((br, dh), f32))
     dq_ref[...] = (dq * t.scale).astype(dq_ref.dtype)

@@ -125,8 +125,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, code_ref, o_ref, m_ref, l_ref, m_sc, l_sc, 
   alpha = jnp.exp(m_prev - m_new)  # 0 on the first tile (m_prev = -inf)
   p = jnp.exp(s - m_new)
   l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-  acc_sc[...] = alpha * acc_sc[...] + jax.lax.dot_general(
-      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+  acc_sc[...] = alpha * acc_sc[...] + C.dot(p.astype(v.dtype), v)
   m_sc[...] = m_new
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -190,8 +189,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, code_ref, do_ref, m_ref, il_ref, d_ref, dk_
   p_t, ds_t = C.probs_and_dscores_t(q, k_ref[...], v_ref[...], do, code_ref[...], m_ref[...],
                                     il_ref[...], d_ref[...], scale)
   # Rows hold every query head of the group, so these sums are the GQA sums.
-  dv_sc[...] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=f32)
-  dk_sc[...] += jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=f32)
+  dv_sc[...] += C.dot(p_t.astype(do.dtype), do)
+  dk_sc[...] += C.dot(ds_t.astype(q.dtype), q)
 
   @pl.when(i == pl.num_programs(3) - 1)
   def _finish():
@@ -232,7 +231,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, code_ref, do_ref, m_ref, il_ref, d_ref, dq_r
   k = k_ref[...]
   _, ds_t = C.probs_and_dscores_t(q_ref[...], k, v_ref[...], do_ref[...], code_ref[...],
                                   m_ref[...], il_ref[...], d_ref[...], scale)
-  dq_sc[...] += jax.lax.dot_general(ds_t.astype(k.dtype), k, C.TN, preferred_element_type=f32)
+  dq_sc[...] += C.dot(ds_t.astype(k.dtype), k, C.TN)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():

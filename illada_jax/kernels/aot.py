@@ -1,0 +1,75 @@
+"""Ahead-of-time TPU compilation from a CPU host (needs libtpu, not a TPU).
+
+`topology_mesh('v5p-8')` builds a (data, fsdp, tensor) mesh over the devices
+of a TPU topology description; `compile_attention` and `compile_model_grad`
+lower and compile forward+backward on it, so Mosaic lowering, sharding and
+per-chip memory (`compiled.memory_analysis()`) are checked without hardware.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from illada_jax import model, sharding
+from illada_jax.attention import attention
+from illada_jax.config import ModelConfig
+
+# Slice name -> topology string of `jax.experimental.topologies`.
+TOPOLOGIES = {'v5p-8': 'v5p:2x2x1', 'v6e-8': 'v6e:2x4'}
+
+
+def topology_mesh(slice_name: str, mesh_shape: str | None = None):
+  """A (data, fsdp, tensor) mesh over the chips of `slice_name` (default: all fsdp)."""
+  # Compiling only: another process holding libtpu's lockfile must not block us.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(TOPOLOGIES[slice_name], 'tpu')
+  return sharding.make_mesh(mesh_shape, devices=topo.devices)
+
+
+def _batch_size(mesh, per_chip: int) -> int:
+  return per_chip * mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def compile_attention(impl: str, mesh, *, per_chip_batch: int, length: int, heads: int,
+                      kv_heads: int, head_dim: int, dtype=jnp.bfloat16):
+  """Compiled fwd+bwd of `attention(impl=...)` alone: grads of sum(out) w.r.t. q, k, v."""
+  b = _batch_size(mesh, per_chip_batch)
+  spec = sharding.logical_to_spec(('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
+  kv_spec = sharding.logical_to_spec(('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+  sd = lambda shape, sp, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, sp))
+  args = (sd((b, length, heads, head_dim), spec), sd((b, length, kv_heads, head_dim), kv_spec),
+          sd((b, length, kv_heads, head_dim), kv_spec), sd((b, length), P(spec[0], None), bool))
+
+  def fwd_bwd(q, k, v, mask):
+    with sharding.activation_sharding(mesh):
+      loss = lambda q, k, v: jnp.sum(attention(q, k, v, mask, impl=impl).astype(jnp.float32))
+      return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+  shardings = tuple(a.sharding for a in args[:3])
+  return jax.jit(fwd_bwd, out_shardings=shardings).lower(*args).compile()
+
+
+def compile_model_grad(cfg: ModelConfig, mesh, *, per_chip_batch: int, length: int):
+  """Compiled parameter gradient of the masked-token cross-entropy of `cfg` on `mesh`."""
+  b = _batch_size(mesh, per_chip_batch)
+  params = model.abstract_params(cfg, mesh)
+  batch = NamedSharding(mesh, sharding.logical_to_spec(('act_batch', 'act_length')))
+  tokens = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch)
+  mask = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch)
+
+  def grad(params, tokens, mask):
+    def loss(p):
+      with sharding.activation_sharding(mesh):
+        logits = model.Transformer(cfg).apply({'params': p}, tokens, mask)
+      logp = jax.nn.log_softmax(logits)
+      nll = -jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+      return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return jax.grad(loss)(params)
+
+  out = jax.tree.map(lambda s: s.sharding, params)
+  return jax.jit(grad, out_shardings=out).lower(params, tokens, mask).compile()
