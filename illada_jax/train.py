@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from illada_jax import data as data_lib
@@ -102,8 +103,7 @@ def init_state(cfg: TrainConfig, mesh, tx):
 
   def init(key):
     params = model_lib.Transformer(cfg.model).init(key, jnp.zeros((1, 1), jnp.int32))['params']
-    params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
-                          is_leaf=lambda x: hasattr(x, 'value'))
+    params = nn.meta.unbox(params)
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   return jax.jit(init, out_shardings=shard)(jax.random.key(cfg.seed))
@@ -198,10 +198,8 @@ _PEAK_FLOPS = {  # bf16 dense peak per chip
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward, no remat): 6 N + attention."""
   n = model_lib.param_count(cfg)
-  if cfg.tie_embeddings:
-    n -= 0  # the tied table is the LM head's matmul: counted once, lookup is free
-  else:
-    n -= cfg.vocab_size * cfg.d_model  # the embedding lookup does no matmul
+  if not cfg.tie_embeddings:
+    n -= cfg.vocab_size * cfg.d_model  # the untied embedding is a lookup, not a matmul
   attn = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
   return 6.0 * n + attn
 
@@ -409,7 +407,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
     writer.write(s, logged)
     if bar is not None:
       bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['masked_accuracy']:.3f}",
-                      lr=f"{logged['lr']:.2e}", tok_s=f"{logged['tokens_per_sec']:.0f}",
+                      lr=f"{logged['lr']:.2e}", gnorm=f"{logged['grad_norm']:.2f}",
+                      tok_s=f"{logged['tokens_per_sec']:.0f}", mfu=f"{logged['mfu']:.1%}",
                       refresh=False)
     if on_log is not None:
       on_log(s, logged)

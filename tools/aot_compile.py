@@ -25,6 +25,8 @@ import sys
 import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compile-only use of libtpu: several compiles (or test workers) may load it at once.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
