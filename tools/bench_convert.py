@@ -95,9 +95,12 @@ def main(argv=None) -> int:
   p.add_argument('--preset', default='illada_8b')
   p.add_argument('--workdir', default=None, help='where the ~3x15 GB go (default: a temp dir)')
   p.add_argument('--keep', action='store_true')
+  p.add_argument('--src', default=None,
+                 help='an existing HF directory to convert instead of a new fake one (kept)')
   args = p.parse_args(argv)
   work = tempfile.mkdtemp(prefix='bench_convert.', dir=args.workdir)
   hf, orbax, back = (os.path.join(work, d) for d in ('hf', 'orbax', 'hf_back'))
+  hf = os.path.abspath(args.src) if args.src else hf
   convert_cmd = [sys.executable, '-m', 'illada_jax.cli.convert']
   lines = []
 
@@ -106,10 +109,13 @@ def main(argv=None) -> int:
     print(line, flush=True)
 
   try:
-    t = time.perf_counter()
-    make_fake_hf_checkpoint.make(args.preset, hf, '5GB')
-    os.sync()
-    report(f'{args.preset}: fake HF checkpoint written in {time.perf_counter() - t:.1f}s')
+    if args.src:
+      report(f'converting {hf}')
+    else:
+      t = time.perf_counter()
+      make_fake_hf_checkpoint.make(args.preset, hf, '5GB')
+      os.sync()
+      report(f'{args.preset}: fake HF checkpoint written in {time.perf_counter() - t:.1f}s')
     for name, src, dst, extra in (('hf-to-orbax', hf, orbax, []),
                                   ('orbax-to-hf', orbax, back, ['--shard-size', '5GB'])):
       read_s, nbytes = raw_read(src)
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
       report(f'{name}: CPU time of the converter (user+sys): {cpu:.1f}s  '
              f'ratio {cpu / wall:.2f} of its wall time (load average {load0:.1f} at start, '
              f'{os.getloadavg()[0]:.1f} at end, {os.cpu_count()} cores)')
-      if name == 'hf-to-orbax' and not args.keep:
+      if name == 'hf-to-orbax' and not args.keep and not args.src:
         shutil.rmtree(hf)
   finally:
     if not args.keep:
