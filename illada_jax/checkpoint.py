@@ -43,7 +43,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np

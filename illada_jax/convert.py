@@ -353,7 +353,7 @@ def _check_source(src: HFSource, cfg: ModelConfig) -> bool:
       raise ConversionError(f'{entry.file}: tensor {name} has shape {list(entry.shape)}, '
                             f'expected {list(shape)} from {what}')
   if tied_head:
-    _check_tied(src, cfg, head, layout(cfg)[0].hf)
+    _check_tied(src, cfg, head, maps[0].hf)
   return tied_head
 
 
@@ -501,7 +501,7 @@ def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
   if dtype not in ('bfloat16', 'float32', 'float16'):
     raise ConversionError(f'--dtype {dtype}: expected bfloat16, float32 or float16')
   src = HFSource(src_dir)
-  cfg = src.config(param_dtype=dtype, compute_dtype='bfloat16')
+  cfg = src.config(param_dtype=dtype)
   try:
     prefs = _read_chunk_prefs(cfg, mesh)
   except ValueError as e:

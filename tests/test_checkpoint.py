@@ -1,7 +1,6 @@
 """Checkpoint directories: save/load, sharded restore, converted and trained checkpoints."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
