@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from illada_jax import kv_forward, sharding
@@ -340,9 +341,14 @@ def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None, *, gen_l
     prompt_BP: int `[B, P]` prompt ids, left-padded.
     attention_mask_BP: `[B, P]` 1 for real prompt tokens (None: all real).
     key: PRNG key for Gumbel noise and random remasking (default key 0).
+  With `variable_length`, `steps` counts steps per appended block and
+  `gen_length` is capped at the model's `max_len` (whole blocks).
   If `params` live on a mesh, the batch is split over its data/fsdp axes
   (B must be divisible by their product) and weights stay where they are.
   """
+  p = np.shape(prompt_BP)[1]
+  if variable_length:  # blocks are appended up to gen_length or the model's maximum length
+    gen_length = min(gen_length, (cfg.max_len - p) // block_length * block_length)
   o = SampleOptions(
       gen_length=gen_length, block_length=block_length, steps=steps,
       temperature=float(temperature), cfg_scale=float(cfg_scale), remasking=remasking,
@@ -354,7 +360,7 @@ def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None, *, gen_l
   if attention_mask_BP is None:
     attention_mask_BP = jnp.ones(prompt_BP.shape, bool)
   attention_mask_BP = jnp.asarray(attention_mask_BP).astype(bool)
-  if prompt_BP.shape[1] + gen_length > cfg.max_len:
+  if p + gen_length > cfg.max_len:
     raise ValueError(f'sampling: prompt {prompt_BP.shape[1]} + gen_length {gen_length} '
                      f'exceeds max_len {cfg.max_len}')
   key = jax.random.key(0) if key is None else key
