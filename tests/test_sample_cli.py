@@ -104,3 +104,19 @@ def test_lm_eval_adapter_scores_and_generates(ckpt):
   for r, text in enumerate(texts):
     full = tok.decode(chat.completion_ids(CFG, tokens[r, 3:]))
     assert text == (full.split('w45')[0] if r == 0 else full)
+
+
+def test_chat_prompt_uses_the_checkpoint_template(ckpt, tmp_path):
+  path, _ = ckpt
+  tok = chat.load_tokenizer(path)
+  plain = chat.prompt_ids(tok, CFG, 'w1 w2', chat=True, ckpt_dir=path)
+  assert plain[0] == CFG.bos_token_id  # LLaDA format: BOS, then the rendered messages
+  tdir = tmp_path / 'templated'
+  tdir.mkdir()
+  (tdir / 'tokenizer.json').write_text(open(os.path.join(path, 'tokenizer.json')).read())
+  template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} <|eot_id|> {% endfor %}"
+              "{% if add_generation_prompt %}w9{% endif %}")
+  (tdir / 'tokenizer_config.json').write_text(json.dumps({'chat_template': template}))
+  ids = chat.prompt_ids(tok, CFG, [{'role': 'user', 'content': 'w1 w2'}], chat=False,
+                        ckpt_dir=str(tdir))
+  assert ids == [0, 7, 8, 4, 15]
