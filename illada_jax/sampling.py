@@ -229,7 +229,8 @@ def _fixed_step(cfg, params, o: SampleOptions, p: int, prompt_BL, key, c: _Carry
   S, W = o.steps_per_block, o.block_length
   i = s % S
   start = p + (s // S) * W
-  c = _append_block(c, start, W)
+  if o.variable_length:
+    c = _append_block(c, start, W)
   x_BW = jax.lax.dynamic_slice_in_dim(c.x_BL, start, W, axis=1)
   masked_BW = (x_BW == cfg.mask_token_id) & ~c.done_B[:, None]
   m_B = jnp.where(i == 0, masked_BW.sum(-1, dtype=jnp.int32), c.m_B)
@@ -371,6 +372,16 @@ def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None, *, gen_l
   return _sample(cfg, mesh, o, params, prompt_BP, attention_mask_BP, key)
 
 
-def generate(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None, **kwargs):
-  """`sample(...).tokens`: int32 `[B, P + gen_length]` (same keyword arguments)."""
-  return sample(cfg, params, prompt_BP, attention_mask_BP, **kwargs).tokens
+def generate(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None, *, gen_length: int,
+             block_length: int, steps: int, temperature: float = 0., cfg_scale: float = 0.,
+             remasking: str = 'low_confidence', logits_eos_inf: bool = False,
+             confidence_eos_eot_inf: bool = False, key=None, **fast_options):
+  """Sampled ids int32 `[B, P + gen_length]`: `sample(...).tokens`.
+
+  `fast_options` are `sample`'s `threshold`, `cache`, `cache_refresh`,
+  `variable_length` and `stop_ids`.
+  """
+  return sample(cfg, params, prompt_BP, attention_mask_BP, gen_length=gen_length,
+                block_length=block_length, steps=steps, temperature=temperature,
+                cfg_scale=cfg_scale, remasking=remasking, logits_eos_inf=logits_eos_inf,
+                confidence_eos_eot_inf=confidence_eos_eot_inf, key=key, **fast_options).tokens
