@@ -291,3 +291,16 @@ def test_cache_once_per_block_and_threshold_parallel():
                          threshold=0.3, cache='dual')
   assert 2 <= int(fast.nfe) < 8
   assert not np.any(np.asarray(fast.tokens) == LLADA.mask_token_id)
+
+
+def test_gumbel_candidates_follow_softmax_of_logits_over_temperature():
+  o = sampling.SampleOptions(gen_length=1, block_length=1, steps=1, temperature=0.7,
+                             logits_eos_inf=True)
+  logits = jnp.asarray([[[1.0, 0.2, -0.5, 0.8, 2.0, 0.0] + [-30.] * 84]])  # EOS id 82 boosted below
+  logits = logits.at[0, 0, LLADA.eos_token_id].set(5.)
+  draw = jax.jit(jax.vmap(lambda k: sampling.candidates(LLADA, o, logits, k)[0][0, 0]))
+  x0 = np.asarray(draw(jax.random.split(jax.random.key(0), 20000)))
+  want = np.asarray(jax.nn.softmax(logits[0, 0, :6] / 0.7))
+  freq = np.bincount(x0, minlength=90)[:6] / x0.size
+  assert not np.any(x0 == LLADA.eos_token_id)  # logits_eos_inf
+  np.testing.assert_allclose(freq, want, atol=0.015)
