@@ -116,8 +116,10 @@ def try_batch(args, devices, hbm, per_device_batch: int) -> dict:
   t = time.perf_counter()
   try:
     mem = memory(compile_train_step(cfg, devices))
-    # Judged on the larger of XLA's peak estimate and arguments + temporaries.
-    fits = hbm is None or max(mem['peak'], mem['argument'] + mem['temp']) * GiB <= hbm
+    # XLA:TPU refuses to compile a program that overflows HBM; the peak is its
+    # estimate of live bytes. (temp_size counts every temporary buffer, also
+    # ones never live together, so args + temp overstates the need.)
+    fits = hbm is None or mem['peak'] * GiB <= hbm
     err = None
   except Exception as e:  # noqa: BLE001  (a compile-time OOM is an answer here)
     mem, fits, err = None, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
   ap.add_argument('--topology', default='v5p-256',
                   help=f'one of {sorted(TOPOLOGIES)} or a descriptor like v5p:4x4x8')
   ap.add_argument('--seq-len', type=int, default=8192)
-  ap.add_argument('--per-device-batch', type=int, default=16)
+  ap.add_argument('--per-device-batch', type=int, default=16, help='0: skip the train step')
   ap.add_argument('--search', action='store_true', help='find the largest per-device batch')
   ap.add_argument('--mesh', default='data=1,fsdp=-1,tensor=1')
   ap.add_argument('--objective', default='pretrain', choices=('pretrain', 'sft'))
@@ -192,8 +194,10 @@ def main(argv=None) -> int:
         f'attention {args.attention}, loss chunk {args.loss_chunk}', flush=True)
   if args.search:
     rows = search(args, devices, hbm, args.per_device_batch)
-  else:
+  elif args.per_device_batch > 0:
     rows = [try_batch(args, devices, hbm, args.per_device_batch)]
+  else:  # --per-device-batch 0: the sampler only
+    rows = []
   if args.sampler:
     cfg = train_config(args, len(devices), 1)
     t = time.perf_counter()
