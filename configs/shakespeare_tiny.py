@@ -1,10 +1,10 @@
 """Pre-training a tiny iLLaDA on Tiny Shakespeare (CPU-sized).
 
   illada-train --config configs/shakespeare_tiny.py \
-      --set data.paths="('/path/to/tinyshakespeare.txt',)" --set data.tokenizer=/path/to/sp.model
+      [--set data.paths="('/path/to/tinyshakespeare.txt',)"] [--set steps=200]
 
-The tokenizer must cover the text and put MASK at id 5 (see
-`illada_jax.text_tokenizer.train_sentencepiece`).
+A 1024-piece SentencePiece tokenizer (MASK at id 5) is trained on the text
+on first use and kept next to the checkpoints.
 """
 
 from illada_jax.configs.models import ILLADA_TINY
@@ -17,7 +17,7 @@ CONFIG = TrainConfig(
                               remat_policy='none'),
     objective='pretrain',
     data=DataConfig(paths=('/work/shared/data/tinyshakespeare.txt',),
-                    tokenizer='/tmp/illada_shakespeare/sp.model'),
+                    tokenizer='/tmp/illada_shakespeare/sp.model', train_tokenizer_vocab=1024),
     optimizer=OptimizerConfig(lr=1e-3, schedule='wsd', warmup_steps=100, total_steps=2000,
                               weight_decay=0.1),
     batch_size=32, seq_len=256, steps=2000, workdir='/tmp/illada_shakespeare',

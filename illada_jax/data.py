@@ -45,6 +45,7 @@ class DataConfig:
   shuffle: bool = True
   worker_count: int = 0  # Grain worker processes (multiprocess prefetch); 0 = in-process
   prefetch_buffer: int = 4
+  train_tokenizer_vocab: int = 0  # > 0: train a SentencePiece of this size if `tokenizer` is missing
 
 
 # -- sources ----------------------------------------------------------------------
@@ -226,6 +227,30 @@ def make_eval_batches(cfg: DataConfig, *, batch_size: int, seq_len: int, objecti
   it = iter(make_dataset(ecfg, batch_size=batch_size, seq_len=seq_len, objective=objective,
                          seed=12345, paths=paths, model=model))
   return [next(it) for _ in range(num_batches)]
+
+
+def ensure_tokenizer(cfg: DataConfig) -> None:
+  """Trains the SentencePiece model `cfg.tokenizer` on the training text if it is missing.
+
+  Only when `cfg.train_tokenizer_vocab > 0` and the path ends in `.model`;
+  process 0 trains, the others wait for it.
+  """
+  import jax
+  if os.path.exists(cfg.tokenizer) or cfg.train_tokenizer_vocab <= 0:
+    return
+  if not cfg.tokenizer.endswith('.model'):
+    raise ValueError(f'data.tokenizer {cfg.tokenizer!r} is missing (only a .model can be trained)')
+  if jax.process_index() == 0:
+    texts = []
+    for r in record_source(cfg.paths, cfg.format):
+      t = _field(r, cfg.text_key) if isinstance(r, str) or cfg.text_key in r else (
+          _field(r, cfg.prompt_key) + _field(r, cfg.response_key))
+      texts.extend(line for line in t.split('\n') if line.strip())
+    text_tokenizer.train_sentencepiece(texts, cfg.tokenizer[:-len('.model')],
+                                       vocab_size=cfg.train_tokenizer_vocab)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('illada_tokenizer')
 
 
 # -- checkpointing ----------------------------------------------------------------

@@ -341,6 +341,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   tx = opt_lib.make_optimizer(cfg.optimizer)
   abstract_state, _ = state_shardings(cfg, mesh, tx)
   local_batch = cfg.batch_size // jax.process_count()
+  if data_iter is None or (eval_data is None and cfg.eval_every):
+    data_lib.ensure_tokenizer(cfg.data)
   if data_iter is None:
     data_iter = data_lib.make_train_iterator(
         cfg.data, batch_size=local_batch, seq_len=cfg.seq_len, objective=cfg.objective,
