@@ -179,3 +179,24 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert f'at step {last + 2}' in proc.stdout
+
+
+def test_grad_accumulation_averages_micro_batches():
+  """accum=2: the update is the mean of the micro-batch gradients (rows r % 2)."""
+  import jax.numpy as jnp
+  import optax
+  cfg = train.TrainConfig(model=MODEL, batch_size=4, grad_accum=2, seq_len=8, seed=3,
+                          mesh='data=1,fsdp=-1,tensor=1', random_length_prob=0.0)
+  mesh = train.sharding.make_mesh('data=1,fsdp=1,tensor=1', devices=jax.devices()[:1])
+  tx = optax.sgd(1.0)
+  params = train.model_lib.init_params(MODEL, jax.random.key(0))
+  state = {'step': jnp.array(5, jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+  tokens = jax.random.randint(jax.random.key(1), (4, 8), 6, MODEL.vocab_size)
+  new, metrics = jax.jit(train.make_train_step(cfg, tx, mesh))(state, {'tokens': tokens})
+  key = jax.random.fold_in(jax.random.key(3), 5)
+  grad = jax.jit(jax.grad(lambda p, t, k: train.loss_fn(cfg, p, {'tokens': t}, k)[0]))
+  grads = [grad(params, tokens[i::2], jax.random.fold_in(key, i)) for i in range(2)]
+  want = jax.tree.map(lambda p, a, b: p - (a + b) / 2, params, *grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new['params'], want)
+  assert int(new['step']) == 6 and np.isfinite(float(metrics['loss']))
