@@ -24,6 +24,9 @@ setup(
         'safetensors==0.8.0',
         'numpy>=2.0,<2.5',
         'tqdm>=4.66',
+        'tensorboardX>=2.6',  # training metrics as TensorBoard event files
+        'pyarrow>=15',  # Parquet training data
+        'tokenizers>=0.20',  # tokenizer.json for training data
     ],
     extras_require={
         # torch 2.13.0 (CPU) is the wheel this machine carries; transformers
