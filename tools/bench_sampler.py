@@ -14,6 +14,16 @@ Weights are random, scaled up (`--sharpen`) so confidences are high enough
 for the threshold to commit several tokens per step; NFE is reported.
 Timings are the minimum over `--repeats`. On a shared host, `--single-thread`
 (one XLA thread; combine with `taskset -c N`) makes the ratios reproducible.
+
+  python tools/bench_sampler.py --demo-ckpt /tmp/illada_demo --gen-length 32 --block-length 8
+
+instead samples the built-in demo's held-out addition problems (training the
+demo into that directory first if it has none) with fixed-step decoding (one
+token per step, the accuracy reference), then threshold, threshold + dual
+cache and threshold + prefix cache for each `--taus`, and reports exact-match
+accuracy (answer parsed up to the first EOS), NFE, ms/step, tokens/s and the
+ratios to fixed-step. A gen length longer than the answer leaves an EOS tail,
+as GSM8K's 256 tokens do.
 """
 
 from __future__ import annotations
@@ -151,6 +161,71 @@ def run(preset='illada_tiny', batch=4, prompt_len=64, gen_length=64, block_lengt
           'xla_flags': os.environ.get('XLA_FLAGS', ''), 'results': rows}
 
 
+def _demo_model(out: str):
+  """(cfg, params, tokenizer, test problems, prompt length) of the demo in `out`."""
+  from illada_jax import demo, text_tokenizer
+  ckpts = os.path.join(out, 'run', 'checkpoints')
+  if not os.path.isdir(ckpts) or not os.listdir(ckpts):
+    demo.run(demo.DemoConfig(out=out), progress_bar=False)
+  last = max((d for d in os.listdir(ckpts) if d.isdigit()), key=int)
+  cfg, params = illada_jax.load_checkpoint(os.path.join(ckpts, last))
+  tok = text_tokenizer.load(os.path.join(out, 'tokenizer', 'sp.model'))
+  with open(os.path.join(out, 'data', 'test.jsonl')) as f:
+    test = [json.loads(line) for line in f if line.strip()]
+  digits = len(test[0]['response']) - 1
+  return cfg, params, tok, test, demo.seq_lengths(demo.DemoConfig(digits=digits))[0]
+
+
+def run_demo(out: str, gen_length=32, block_length=8, taus=(0.9, 0.95, 0.99), n=500,
+             batch=250, repeats=3) -> dict:
+  """Accuracy and speed of each sampler on the demo's held-out problems."""
+  from illada_jax import demo
+  cfg, params, tok, test, p = _demo_model(out)
+  test = test[:n]
+  batches = []
+  for start in range(0, len(test), batch):
+    chunk = test[start:start + batch]
+    ids, mask = demo.encode_prompts(tok, [r['prompt'] for r in chunk], p)
+    batches.append((jnp.asarray(ids), jnp.asarray(mask), chunk))
+  common = dict(gen_length=gen_length, block_length=block_length, temperature=0.0,
+                remasking='low_confidence')
+  variants = {'fixed': dict(steps=gen_length)}
+  for tau in taus:
+    variants[f'threshold tau={tau}'] = dict(steps=gen_length, threshold=tau)
+    variants[f'threshold+dual tau={tau}'] = dict(steps=gen_length, threshold=tau, cache='dual')
+    variants[f'threshold+prefix tau={tau}'] = dict(steps=gen_length, threshold=tau,
+                                                   cache='prefix')
+
+  def sample_all(extra):
+    return [sampling.sample(cfg, params, ids, mask, **common, **extra) for ids, mask, _ in batches]
+
+  rows = {}
+  for name, extra in variants.items():  # compile, and score
+    outs = jax.block_until_ready(sample_all(extra))
+    correct = nfe = 0
+    for o, (_, _, chunk) in zip(outs, batches):
+      tokens = np.asarray(o.tokens)
+      nfe += int(o.nfe)
+      correct += sum(demo.decode_answer(tok, tokens[i, p:]) == r['response']
+                     for i, r in enumerate(chunk))
+    rows[name] = {'accuracy': correct / len(test), 'nfe': nfe}
+  best = {name: float('inf') for name in variants}
+  for _ in range(repeats):  # interleaved, so load spikes hit every variant alike
+    for name, extra in variants.items():
+      best[name] = min(best[name], timed(lambda: sample_all(extra), 1))
+  ref = rows['fixed']
+  for name, r in rows.items():
+    r.update(ms_per_step=1e3 * best[name] / r['nfe'],
+             tokens_per_s=len(test) * gen_length / best[name], seconds=best[name])
+  for name, r in rows.items():
+    r.update(speedup=r['tokens_per_s'] / ref['tokens_per_s'], nfe_ratio=ref['nfe'] / r['nfe'],
+             accuracy_delta_points=100 * (r['accuracy'] - ref['accuracy']))
+  return {'demo': out, 'n': len(test), 'batch': batch, 'prompt_len': p,
+          'gen_length': gen_length, 'block_length': block_length,
+          'devices': str(jax.devices()[0].platform), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'loadavg': os.getloadavg(), 'results': rows}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--preset', default='illada_tiny')
@@ -164,7 +239,29 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--json', action='store_true')
   p.add_argument('--single-thread', action='store_true', help='one XLA CPU thread')
+  p.add_argument('--demo-ckpt', default=None,
+                 help='demo directory (trained there if absent): accuracy + speed per sampler')
+  p.add_argument('--taus', default='0.9,0.95,0.99', help='thresholds for --demo-ckpt')
+  p.add_argument('--n', type=int, default=500, help='held-out problems for --demo-ckpt')
+  p.add_argument('--demo-batch', type=int, default=250)
   args = p.parse_args(argv)
+  if args.demo_ckpt:
+    out = run_demo(args.demo_ckpt, args.gen_length, args.block_length,
+                   tuple(float(t) for t in args.taus.split(',')), args.n, args.demo_batch,
+                   args.repeats)
+    if args.json:
+      print(json.dumps(out, indent=1))
+      return
+    print(f"demo {out['demo']}: {out['n']} held-out problems, batch {out['batch']}, "
+          f"P={out['prompt_len']} G={out['gen_length']} block={out['block_length']} on "
+          f"{out['devices']} [{out['xla_flags']}], load average {out['loadavg'][0]:.2f}; NFE summed over batches")
+    print(f"{'sampler':<28}{'acc %':>7}{'d pts':>7}{'NFE':>7}{'ms/step':>9}{'tok/s':>9}"
+          f"{'x tok/s':>9}{'x NFE':>7}")
+    for name, r in out['results'].items():
+      print(f"{name:<28}{100 * r['accuracy']:>7.1f}{r['accuracy_delta_points']:>+7.1f}"
+            f"{r['nfe']:>7}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
+            f"{r['speedup']:>9.2f}{r['nfe_ratio']:>7.2f}")
+    return
   out = run(args.preset, args.batch, args.prompt_len, args.gen_length, args.block_length,
             args.threshold, args.dtype, args.sharpen, args.repeats)
   if args.json:
