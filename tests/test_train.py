@@ -200,3 +200,20 @@ def test_grad_accumulation_averages_micro_batches():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                new['params'], want)
   assert int(new['step']) == 6 and np.isfinite(float(metrics['loss']))
+
+
+def test_periodic_eval_and_tensorboard_events(tmp_path):
+  cfg = tiny_config(str(tmp_path), steps=4, eval_every=2, eval_batches=2, checkpoint_every=0,
+                    async_checkpoints=False)
+  out = train.train(cfg)
+  assert sorted(out['eval']) == [2, 4]
+  assert all(np.isfinite(v) and v > 0 for v in out['eval'].values())
+  assert out['eval'][2] != out['eval'][4]  # same eval batches, weights trained in between
+  tb_dir = tmp_path / 'run' / 'tb'
+  events = [p for p in tb_dir.iterdir() if 'tfevents' in p.name]
+  assert events and events[0].stat().st_size > 0
+  payload = events[0].read_bytes()
+  for tag in (b'loss', b'eval_loss', b'grad_norm', b'lr'):
+    assert tag in payload
+  logged = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert [m['step'] for m in logged if 'eval_loss' in m] == [2, 4]
