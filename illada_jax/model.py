@@ -33,7 +33,7 @@ leading axis; `stack_layers` / `unstack_layers` convert between the two.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,12 +95,38 @@ class RMSNorm(nn.Module):
     return rms_norm(x_BLD, scale, self.cfg.norm_eps)
 
 
+class KVCache(NamedTuple):
+  """Per-layer keys and values of a whole canvas of `S` positions, RoPE applied.
+
+  `k`, `v`: `[N, B, S, K, Dh]` in the compute dtype (`[B, S, K, Dh]` inside
+  one layer). The approximate block cache of the fast sampler (SPEC §2)
+  keeps them across denoising steps and recomputes only a window.
+  """
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> 'KVCache':
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+_KV_NAMES = ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim')
+
+
 class Attention(nn.Module):
-  """Bidirectional GQA self-attention with RoPE."""
+  """Bidirectional GQA self-attention with RoPE.
+
+  With a layer's `cache` (`KVCache` of `[B, S, K, Dh]`), the `L` queries are
+  the window `[cache_start, cache_start + L)` of the cached canvas: their
+  fresh keys and values overwrite the window's slots, they attend to all `S`
+  positions (`kv_mask_BL` then masks `[B, S]` keys), and the updated cache is
+  returned with the output.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, kv_mask_BL):
+  def __call__(self, x_BLD, positions_BL, kv_mask_BL, cache=None, cache_start=0):
     cfg, dt = self.cfg, self.cfg.dtype
     d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     w_q = _param(self, 'q_proj', (d, h, dh), ('embed', 'q_heads', 'head_dim'))
@@ -114,15 +140,20 @@ class Attention(nn.Module):
     q_BLHD = apply_rope(q_BLHD, positions_BL, cfg.rope_theta)
     k_BLKD = apply_rope(k_BLKD, positions_BL, cfg.rope_theta)
     q_BLHD = sharding.constrain(q_BLHD, ('act_batch', 'act_length', 'act_heads', 'act_head_dim'))
-    k_BLKD = sharding.constrain(k_BLKD, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
-    v_BLKD = sharding.constrain(v_BLKD, ('act_batch', 'act_length', 'act_kv_heads', 'act_head_dim'))
+    k_BLKD = sharding.constrain(k_BLKD, _KV_NAMES)
+    v_BLKD = sharding.constrain(v_BLKD, _KV_NAMES)
     q_BLHD = checkpoint_name(q_BLHD, 'query')
     k_BLKD = checkpoint_name(k_BLKD, 'key')
     v_BLKD = checkpoint_name(v_BLKD, 'value')
+    if cache is not None:
+      write = lambda old_BSKD, new_BLKD: sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
+          old_BSKD, new_BLKD.astype(old_BSKD.dtype), cache_start, axis=1), _KV_NAMES)
+      cache = KVCache(write(cache.k, k_BLKD), write(cache.v, v_BLKD))
+      k_BLKD, v_BLKD = cache.k, cache.v  # now [B, S, K, Dh]
 
     out_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, kv_mask_BL, impl=cfg.attention_impl)
     out_BLHD = checkpoint_name(out_BLHD, 'attn_out')
-    return _matmul('blhk,hkd->bld', out_BLHD, w_o, dt)
+    return _matmul('blhk,hkd->bld', out_BLHD, w_o, dt), cache
 
 
 class Mlp(nn.Module):
@@ -144,17 +175,21 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm layer. Signature `(x, (positions, kv_mask)) -> (x, None)` fits nn.scan."""
+  """One pre-norm layer: `(x, positions, kv_mask, cache, cache_start) -> (x, cache)`.
+
+  The layer cache (see `Attention`) is None except in cached decoding; the
+  signature fits nn.scan with the cache scanned over layers.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, kv_mask_BL):
-    h_BLD = x_BLD + Attention(self.cfg, name='attn')(
-        RMSNorm(self.cfg, name='attn_norm')(x_BLD), positions_BL, kv_mask_BL)
-    h_BLD = sharding.constrain(h_BLD, ('act_batch', 'act_length', 'act_embed'))
+  def __call__(self, x_BLD, positions_BL, kv_mask_BL, cache=None, cache_start=0):
+    attn_BLD, cache = Attention(self.cfg, name='attn')(
+        RMSNorm(self.cfg, name='attn_norm')(x_BLD), positions_BL, kv_mask_BL, cache, cache_start)
+    h_BLD = sharding.constrain(x_BLD + attn_BLD, ('act_batch', 'act_length', 'act_embed'))
     x_BLD = h_BLD + Mlp(self.cfg, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(h_BLD))
     x_BLD = sharding.constrain(x_BLD, ('act_batch', 'act_length', 'act_embed'))
-    return x_BLD, None
+    return x_BLD, cache
 
 
 def _remat_policy(name: str):
@@ -174,7 +209,8 @@ class Transformer(nn.Module):
   padded queries still produce (meaningless) logits. `positions_BL`
   defaults to `0..L-1` on every row, left padding included.
   Methods `hidden` and `logits` split the trunk from the LM head, so callers
-  can apply the head to a subset of positions.
+  can apply the head to a subset of positions; `hidden_cached` runs a window
+  of positions against a `KVCache` of the whole canvas.
   """
   cfg: ModelConfig
 
@@ -188,7 +224,7 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})(cfg)
     else:
       self.layers = [block(cfg) for _ in range(cfg.num_layers)]
@@ -201,15 +237,43 @@ class Transformer(nn.Module):
     b, l = tokens_BL.shape
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    kv_mask_BL = None if attention_mask_BL is None else attention_mask_BL.astype(bool)
+    return self._trunk(tokens_BL, attention_mask_BL, positions_BL, None, 0)[0]
+
+  def hidden_cached(self, tokens_BW, cache: KVCache, attention_mask_BS=None, start=0):
+    """Hidden states of the window `[start, start + W)` of a cached canvas of `S` positions.
+
+    Args:
+      tokens_BW: int `[B, W]`, the window's current tokens (positions
+        `start + 0..W-1`).
+      cache: `KVCache` of `[N, B, S, K, Dh]`; the window's slots are
+        recomputed, the others are used as they are (stale if their tokens
+        changed since they were computed: the cache is approximate).
+      attention_mask_BS: `[B, S]` key mask over the whole canvas, or None.
+      start: int, static or traced.
+    Returns:
+      final-normed hidden `[B, W, D]` (compute dtype) and the updated cache.
+      From `KVCache.zeros` with `start=0` and `W = S`, this is `hidden` of
+      the canvas plus a fresh cache.
+    """
+    b, w = tokens_BW.shape
+    positions_BW = jnp.broadcast_to(start + jnp.arange(w, dtype=jnp.int32), (b, w))
+    return self._trunk(tokens_BW, attention_mask_BS, positions_BW, cache, start)
+
+  def _trunk(self, tokens_BL, attention_mask, positions_BL, cache, cache_start):
+    kv_mask = None if attention_mask is None else attention_mask.astype(bool)
     x_BLD = self.embedder.encode(tokens_BL)
     x_BLD = sharding.constrain(x_BLD, ('act_batch', 'act_length', 'act_embed'))
     if self.cfg.scan_layers:
-      x_BLD, _ = self.layers(x_BLD, positions_BL, kv_mask_BL)
+      x_BLD, cache = self.layers(x_BLD, positions_BL, kv_mask, cache, cache_start)
     else:
-      for layer in self.layers:
-        x_BLD, _ = layer(x_BLD, positions_BL, kv_mask_BL)
-    return self.final_norm(x_BLD)
+      per_layer = []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else KVCache(cache.k[i], cache.v[i])
+        x_BLD, layer_cache = layer(x_BLD, positions_BL, kv_mask, layer_cache, cache_start)
+        per_layer.append(layer_cache)
+      if cache is not None:
+        cache = KVCache(jnp.stack([c.k for c in per_layer]), jnp.stack([c.v for c in per_layer]))
+    return self.final_norm(x_BLD), cache
 
   def logits(self, x_BLD):
     """LM head: `[B, L, D]` hidden -> float32 `[B, L, V]` logits."""

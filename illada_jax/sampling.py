@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from illada_jax import kv_forward, sharding
+from illada_jax import sharding
 from illada_jax.config import ModelConfig
-from illada_jax.model import Transformer
+from illada_jax.model import KVCache, Transformer
 
 f32 = jnp.float32
 REMASKING = ('low_confidence', 'random')
@@ -255,9 +255,10 @@ def _fast_block(cfg, params, o: SampleOptions, p: int, prompt_BL, key, c: _Carry
   m_B = ((x_BW == cfg.mask_token_id) & ~c.done_B[:, None]).sum(-1, dtype=jnp.int32)
   c = c.replace(m_B=m_B)
   rows = c.x_BL.shape[0] * (2 if o.cfg_scale > 0 else 1)
-  cache = kv_forward.empty_cache(cfg, rows, l) if o.cache else ()
+  cache = KVCache.zeros(cfg, rows, l) if o.cache else ()
   window = (l - start) if o.cache == 'prefix' else W
   refresh_every = o.cache_refresh or W + 1
+  model = Transformer(cfg)
 
   def masked(c):
     x_BW = jax.lax.dynamic_slice_in_dim(c.x_BL, start, W, axis=1)
@@ -271,15 +272,17 @@ def _fast_block(cfg, params, o: SampleOptions, p: int, prompt_BL, key, c: _Carry
 
   def full(c, cache):
     tokens_XL, visible_XL = _model_inputs(cfg, o, c.x_BL, prompt_BL, c.visible_BL)
-    h_XLD, cache = kv_forward.forward_with_kv(cfg, params, tokens_XL, visible_XL)
+    h_XLD, cache = model.apply({'params': params}, tokens_XL, KVCache.zeros(cfg, rows, l),
+                               visible_XL, method='hidden_cached')
     h_XWD = jax.lax.dynamic_slice_in_dim(h_XLD, start, W, axis=1)
-    return _guide(o, kv_forward.head(cfg, params, h_XWD)), cache
+    return _guide(o, model.apply({'params': params}, h_XWD, method='logits')), cache
 
   def cached(c, cache):
     tokens_XL, visible_XL = _model_inputs(cfg, o, c.x_BL, prompt_BL, c.visible_BL)
     tokens_XQ = jax.lax.dynamic_slice_in_dim(tokens_XL, start, window, axis=1)
-    h_XQD, _ = kv_forward.forward_window(cfg, params, tokens_XQ, start, cache, visible_XL)
-    return _guide(o, kv_forward.head(cfg, params, h_XQD[:, :W])), cache
+    h_XQD, _ = model.apply({'params': params}, tokens_XQ, cache, visible_XL, start,
+                           method='hidden_cached')
+    return _guide(o, model.apply({'params': params}, h_XQD[:, :W], method='logits')), cache
 
   def body(state):
     c, i, cache = state

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import illada_jax
-from illada_jax import kv_forward, sampling
+from illada_jax import sampling
+from illada_jax.model import KVCache
 
 # Untied LLaDA layout: a random head gives varied, well-separated predictions.
 LLADA = illada_jax.get_preset('llada_tiny').replace(
@@ -196,8 +197,10 @@ def test_sharded_equals_single_device():
   from illada_jax import sharding
   def window(p, t, m):
     with sharding.activation_sharding(sharding.mesh_of(p)):
-      _, cache = kv_forward.forward_with_kv(cfg, p, t, m)
-      return kv_forward.forward_window(cfg, p, t[:, 6:10], 6, cache, m)[0]
+      model = illada_jax.Transformer(cfg)
+      _, cache = model.apply({'params': p}, t, KVCache.zeros(cfg, *t.shape), m,
+                             method='hidden_cached')
+      return model.apply({'params': p}, t[:, 6:10], cache, m, 6, method='hidden_cached')[0]
   tokens = np.concatenate([prompt, np.full((4, 8), cfg.mask_token_id, np.int32)], 1)
   full_mask = np.pad(mask, ((0, 0), (0, 8)), constant_values=1)
   np.testing.assert_allclose(jax.jit(window)(sharded, tokens, full_mask),
@@ -251,14 +254,21 @@ def test_kv_window_equals_full_hidden():
 
     @jax.jit
     def run(params, tokens, mask):
-      hidden = illada_jax.Transformer(cfg).apply({'params': params}, tokens, mask, method='hidden')
-      h_full, cache = kv_forward.forward_with_kv(cfg, params, tokens, mask)
-      h_win, _ = kv_forward.forward_window(cfg, params, tokens[:, 4:9], 4, cache, mask)
-      return hidden, h_full, h_win
+      model = illada_jax.Transformer(cfg)
+      hidden = model.apply({'params': params}, tokens, mask, method='hidden')
+      h_full, cache = model.apply({'params': params}, tokens, KVCache.zeros(cfg, *tokens.shape),
+                                  mask, method='hidden_cached')
+      h_win, new_cache = model.apply({'params': params}, tokens[:, 4:9], cache, mask, 4,
+                                     method='hidden_cached')
+      return hidden, h_full, h_win, cache, new_cache
 
-    hidden, h_full, h_win = run(params, prompt, mask)
+    hidden, h_full, h_win, cache, new_cache = run(params, prompt, mask)
     np.testing.assert_allclose(h_full, hidden, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(h_win, hidden[:, 4:9], atol=1e-4, rtol=1e-4)
+    # Recomputing a window of unchanged tokens rewrites its K/V with the same values.
+    for old, new in zip(cache, new_cache):
+      assert old.shape == (cfg.num_layers, *prompt.shape, cfg.num_kv_heads, cfg.head_dim)
+      np.testing.assert_allclose(new, old, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('cache', [None, 'dual', 'prefix'])

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import illada_jax
-from illada_jax import kv_forward, sampling
+from illada_jax import sampling
+from illada_jax.model import KVCache, Transformer
 
 
 def timed(fn, repeats: int) -> float:
@@ -83,9 +84,12 @@ def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
   w, l = o.block_length, p + o.gen_length
   x = jnp.concatenate([prompt_BP, jnp.full((b, o.gen_length), cfg.mask_token_id, jnp.int32)], 1)
   nfe = 0
-  fwd_kv = jax.jit(kv_forward.forward_with_kv, static_argnums=0)
-  fwd_win = jax.jit(kv_forward.forward_window, static_argnums=0)
-  head = jax.jit(kv_forward.head, static_argnums=0)
+  model = Transformer(cfg)
+  fwd_kv = jax.jit(lambda x: model.apply({'params': params}, x, KVCache.zeros(cfg, b, l),
+                                         method='hidden_cached'))
+  fwd_win = jax.jit(lambda x, lo, cache: model.apply({'params': params}, x, cache, None, lo,
+                                                     method='hidden_cached'))
+  head = jax.jit(lambda h: model.apply({'params': params}, h, method='logits'))
   for blk in range(o.num_blocks):
     lo = p + blk * w
     m_B = jnp.sum(x[:, lo:lo + w] == cfg.mask_token_id, axis=1)
@@ -98,11 +102,11 @@ def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
       if o.cache is None:
         logits = illada_jax.forward(cfg, params, x)[:, lo:lo + w]
       elif i == 0:
-        h, cache = fwd_kv(cfg, params, x)
-        logits = head(cfg, params, h[:, lo:lo + w])
+        h, cache = fwd_kv(x)
+        logits = head(h[:, lo:lo + w])
       else:
-        h, _ = fwd_win(cfg, params, x[:, lo:lo + w], lo, cache)
-        logits = head(cfg, params, h)
+        h, _ = fwd_win(x[:, lo:lo + w], lo, cache)
+        logits = head(h)
       new = _select(cfg, o, logits, x[:, lo:lo + w], m_B, i, jax.random.fold_in(key, nfe))
       x = x.at[:, lo:lo + w].set(new)
       i += 1
