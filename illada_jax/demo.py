@@ -44,6 +44,9 @@ class DemoConfig:
   d_model: int = 96
   seed: int = 0
   out: str = '/tmp/illada_demo'
+  # Answer canvas: the sum and its EOS padding (None: the sum and one EOS).
+  # A longer canvas trains the EOS tail that long generations decode.
+  gen_length: int | None = None
 
 
 def model_config(vocab_size: int = 32, layers: int = 3, d_model: int = 96):
@@ -76,6 +79,11 @@ def seq_lengths(cfg: DemoConfig) -> tuple[int, int]:
   """(prompt length P incl. BOS, answer length G incl. >= 1 EOS)."""
   p = 1 + 2 * cfg.digits + 2
   g = cfg.digits + 1 + 1
+  if cfg.gen_length is not None:
+    if cfg.gen_length < g:
+      raise ValueError(f'DemoConfig.gen_length={cfg.gen_length}: the {cfg.digits + 1}-digit '
+                       f'sum and its EOS need at least {g}')
+    g = cfg.gen_length
   return p, g
 
 
@@ -184,7 +192,7 @@ def run(cfg: DemoConfig, *, progress_bar: bool = True, log=print) -> dict[str, A
   t_eval = time.perf_counter() - t2
   final_loss = out['losses'][max(out['losses'])] if out['losses'] else float('nan')
   summary = {
-      'accuracy': result['accuracy'], 'n_test': result['n'], 'final_loss': final_loss,
+      'config': dataclasses.asdict(cfg), 'accuracy': result['accuracy'], 'n_test': result['n'], 'final_loss': final_loss,
       'steps': out['final_step'], 'train_seconds': t_train, 'eval_seconds': t_eval,
       'total_seconds': time.perf_counter() - t0, 'checkpoint': out['checkpoint_dir'],
       'examples': [(r['prompt'], r['response'], o) for r, o in

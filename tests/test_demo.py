@@ -28,16 +28,27 @@ def test_prompt_encoding_and_trace(tmp_path):
   assert lines[0].split()[2:] == ['_', '_', '_'] and lines[-1].split()[2:] == ['1', '5', '<eos>']
 
 
+def test_gen_length_sets_the_eos_tail():
+  p, g = demo.seq_lengths(demo.DemoConfig(digits=2))
+  assert (p, g) == (7, 4)  # BOS 'ab+cd=' | 'sum' EOS
+  assert demo.seq_lengths(demo.DemoConfig(digits=2, gen_length=16)) == (7, 16)
+  tcfg = demo.train_config(demo.DemoConfig(digits=2, gen_length=16), 32, 'sp.model')
+  assert tcfg.seq_len == 23
+  with pytest.raises(ValueError, match='gen_length=3'):
+    demo.seq_lengths(demo.DemoConfig(digits=2, gen_length=3))
+
+
 @pytest.mark.slow
 def test_demo_cli_short_run(tmp_path, capsys):
   from illada_jax.cli import demo as cli
   out = str(tmp_path / 'demo')
   assert cli.main(['--steps', '20', '--out', out, '--test-size', '16', '--no-progress',
-                   '--digits', '2']) == 0
+                   '--digits', '2', '--gen-length', '6']) == 0
   text = capsys.readouterr().out
   assert 'accuracy on 16 held-out problems' in text and 'denoising trace' in text
   result = json.load(open(os.path.join(out, 'demo_result.json')))
   assert 0.0 <= result['accuracy'] <= 1.0 and result['steps'] == 20
+  assert result['config']['gen_length'] == 6 and len(result['trace'][-1].split()) == 2 + 6
   from illada_jax import checkpoint
   cfg, _ = checkpoint.load_checkpoint(result['checkpoint'])
   assert cfg.num_layers == demo.DemoConfig().layers

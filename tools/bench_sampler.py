@@ -165,26 +165,38 @@ def run(preset='illada_tiny', batch=4, prompt_len=64, gen_length=64, block_lengt
           'xla_flags': os.environ.get('XLA_FLAGS', ''), 'results': rows}
 
 
-def _demo_model(out: str):
-  """(cfg, params, tokenizer, test problems, prompt length) of the demo in `out`."""
+def _demo_model(out: str, train: dict):
+  """(cfg, params, tokenizer, test problems, demo config) of the demo in `out`.
+
+  Trains the demo there first (with `train` overriding `DemoConfig` fields)
+  if `out` holds no finished run.
+  """
   from illada_jax import demo, text_tokenizer
+  result = os.path.join(out, 'demo_result.json')
+  if not os.path.isfile(result):
+    demo.run(demo.DemoConfig(out=out, **train), progress_bar=False)
+  with open(result) as f:
+    dcfg = demo.DemoConfig(**json.load(f)['config'])
   ckpts = os.path.join(out, 'run', 'checkpoints')
-  if not os.path.isdir(ckpts) or not os.listdir(ckpts):
-    demo.run(demo.DemoConfig(out=out), progress_bar=False)
   last = max((d for d in os.listdir(ckpts) if d.isdigit()), key=int)
   cfg, params = illada_jax.load_checkpoint(os.path.join(ckpts, last))
   tok = text_tokenizer.load(os.path.join(out, 'tokenizer', 'sp.model'))
   with open(os.path.join(out, 'data', 'test.jsonl')) as f:
     test = [json.loads(line) for line in f if line.strip()]
-  digits = len(test[0]['response']) - 1
-  return cfg, params, tok, test, demo.seq_lengths(demo.DemoConfig(digits=digits))[0]
+  return cfg, params, tok, test, dcfg
 
 
-def run_demo(out: str, gen_length=32, block_length=8, taus=(0.9, 0.95, 0.99), n=500,
-             batch=250, repeats=3) -> dict:
-  """Accuracy and speed of each sampler on the demo's held-out problems."""
+def run_demo(out: str, gen_length=None, block_length=None, taus=(0.9, 0.95, 0.99), n=500,
+             batch=250, repeats=3, train=None) -> dict:
+  """Accuracy and speed of each sampler on the demo's held-out problems.
+
+  `gen_length` and `block_length` default to the demo's trained answer canvas.
+  """
   from illada_jax import demo
-  cfg, params, tok, test, p = _demo_model(out)
+  cfg, params, tok, test, dcfg = _demo_model(out, train or {})
+  p, trained_g = demo.seq_lengths(dcfg)
+  gen_length = gen_length or trained_g
+  block_length = block_length or gen_length
   test = test[:n]
   batches = []
   for start in range(0, len(test), batch):
@@ -235,8 +247,10 @@ def main(argv=None):
   p.add_argument('--preset', default='illada_tiny')
   p.add_argument('--batch', type=int, default=4)
   p.add_argument('--prompt-len', type=int, default=64)
-  p.add_argument('--gen-length', type=int, default=64)
-  p.add_argument('--block-length', type=int, default=16)
+  p.add_argument('--gen-length', type=int, default=None,
+                 help='default 64, or the trained answer canvas with --demo-ckpt')
+  p.add_argument('--block-length', type=int, default=None,
+                 help='default 16, or the whole gen length with --demo-ckpt')
   p.add_argument('--threshold', type=float, default=0.9)
   p.add_argument('--dtype', default='float32')
   p.add_argument('--sharpen', type=float, default=5.0)
@@ -248,11 +262,16 @@ def main(argv=None):
   p.add_argument('--taus', default='0.9,0.95,0.99', help='thresholds for --demo-ckpt')
   p.add_argument('--n', type=int, default=500, help='held-out problems for --demo-ckpt')
   p.add_argument('--demo-batch', type=int, default=250)
+  p.add_argument('--demo-train-gen-length', type=int, default=None,
+                 help='answer canvas to train the demo with, if it is trained here')
+  p.add_argument('--demo-train-steps', type=int, default=None)
   args = p.parse_args(argv)
   if args.demo_ckpt:
+    train = {k: v for k, v in (('gen_length', args.demo_train_gen_length),
+                               ('steps', args.demo_train_steps)) if v is not None}
     out = run_demo(args.demo_ckpt, args.gen_length, args.block_length,
                    tuple(float(t) for t in args.taus.split(',')), args.n, args.demo_batch,
-                   args.repeats)
+                   args.repeats, train)
     if args.json:
       print(json.dumps(out, indent=1))
       return
@@ -266,7 +285,8 @@ def main(argv=None):
             f"{r['nfe']:>7}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
             f"{r['speedup']:>9.2f}{r['nfe_ratio']:>7.2f}")
     return
-  out = run(args.preset, args.batch, args.prompt_len, args.gen_length, args.block_length,
+  out = run(args.preset, args.batch, args.prompt_len, args.gen_length or 64,
+            args.block_length or 16,
             args.threshold, args.dtype, args.sharpen, args.repeats)
   if args.json:
     print(json.dumps(out, indent=1))

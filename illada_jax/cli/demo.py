@@ -23,6 +23,8 @@ def main(argv=None) -> int:
   ap.add_argument('--layers', type=int, default=d.layers, help='model depth')
   ap.add_argument('--d-model', type=int, default=d.d_model, help='model width')
   ap.add_argument('--lr', type=float, default=d.lr, help='peak learning rate')
+  ap.add_argument('--gen-length', type=int, default=d.gen_length,
+                  help='answer canvas incl. EOS padding (default: the sum and one EOS)')
   ap.add_argument('--no-progress', action='store_true', help='no progress bar')
   args = ap.parse_args(argv)
   import os
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     shutil.rmtree(run_dir)
   cfg = DemoConfig(digits=args.digits, steps=args.steps, batch_size=args.batch_size,
                    test_size=args.test_size, seed=args.seed, out=args.out, layers=args.layers,
-                   d_model=args.d_model, lr=args.lr)
+                   d_model=args.d_model, lr=args.lr, gen_length=args.gen_length)
   run(cfg, progress_bar=not args.no_progress)
   return 0
 
