@@ -37,16 +37,16 @@ class DemoConfig:
   digits: int = 2  # operands are uniform in [0, 10^digits)
   train_size: int = 100_000  # distinct training problems (at most all the others)
   test_size: int = 500  # held-out problems (disjoint from training)
-  steps: int = 600
+  steps: int = 1200
   batch_size: int = 128
   lr: float = 3e-3
   layers: int = 3
   d_model: int = 96
   seed: int = 0
   out: str = '/tmp/illada_demo'
-  # Answer canvas: the sum and its EOS padding (None: the sum and one EOS).
-  # A longer canvas trains the EOS tail that long generations decode.
-  gen_length: int | None = None
+  # Answer canvas: the sum and its EOS padding, as SFT pads answers. The
+  # tail is what long generations decode (and what the fast samplers skip).
+  gen_length: int = 16
 
 
 def model_config(vocab_size: int = 32, layers: int = 3, d_model: int = 96):
@@ -76,15 +76,12 @@ def make_problems(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
 
 
 def seq_lengths(cfg: DemoConfig) -> tuple[int, int]:
-  """(prompt length P incl. BOS, answer length G incl. >= 1 EOS)."""
+  """(prompt length P incl. BOS, answer canvas G: the sum and >= 1 EOS)."""
   p = 1 + 2 * cfg.digits + 2
-  g = cfg.digits + 1 + 1
-  if cfg.gen_length is not None:
-    if cfg.gen_length < g:
-      raise ValueError(f'DemoConfig.gen_length={cfg.gen_length}: the {cfg.digits + 1}-digit '
-                       f'sum and its EOS need at least {g}')
-    g = cfg.gen_length
-  return p, g
+  if cfg.gen_length < cfg.digits + 2:
+    raise ValueError(f'DemoConfig.gen_length={cfg.gen_length}: the {cfg.digits + 1}-digit '
+                     f'sum and its EOS need at least {cfg.digits + 2}')
+  return p, cfg.gen_length
 
 
 def train_config(cfg: DemoConfig, vocab_size: int, tokenizer: str) -> TrainConfig:

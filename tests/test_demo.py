@@ -29,8 +29,7 @@ def test_prompt_encoding_and_trace(tmp_path):
 
 
 def test_gen_length_sets_the_eos_tail():
-  p, g = demo.seq_lengths(demo.DemoConfig(digits=2))
-  assert (p, g) == (7, 4)  # BOS 'ab+cd=' | 'sum' EOS
+  assert demo.seq_lengths(demo.DemoConfig(digits=2, gen_length=4)) == (7, 4)  # BOS ab+cd= | sum EOS
   assert demo.seq_lengths(demo.DemoConfig(digits=2, gen_length=16)) == (7, 16)
   tcfg = demo.train_config(demo.DemoConfig(digits=2, gen_length=16), 32, 'sp.model')
   assert tcfg.seq_len == 23

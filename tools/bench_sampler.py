@@ -187,10 +187,11 @@ def _demo_model(out: str, train: dict):
 
 
 def run_demo(out: str, gen_length=None, block_length=None, taus=(0.9, 0.95, 0.99), n=500,
-             batch=250, repeats=3, train=None) -> dict:
+             batch=250, repeats=3, train=None, refresh=()) -> dict:
   """Accuracy and speed of each sampler on the demo's held-out problems.
 
   `gen_length` and `block_length` default to the demo's trained answer canvas.
+  Each `refresh` adds a dual-cache variant with a full pass every that many steps.
   """
   from illada_jax import demo
   cfg, params, tok, test, dcfg = _demo_model(out, train or {})
@@ -211,6 +212,9 @@ def run_demo(out: str, gen_length=None, block_length=None, taus=(0.9, 0.95, 0.99
     variants[f'threshold+dual tau={tau}'] = dict(steps=gen_length, threshold=tau, cache='dual')
     variants[f'threshold+prefix tau={tau}'] = dict(steps=gen_length, threshold=tau,
                                                    cache='prefix')
+    for every in refresh:
+      variants[f'threshold+dual/{every} tau={tau}'] = dict(
+          steps=gen_length, threshold=tau, cache='dual', cache_refresh=every)
 
   def sample_all(extra):
     return [sampling.sample(cfg, params, ids, mask, **common, **extra) for ids, mask, _ in batches]
@@ -265,13 +269,16 @@ def main(argv=None):
   p.add_argument('--demo-train-gen-length', type=int, default=None,
                  help='answer canvas to train the demo with, if it is trained here')
   p.add_argument('--demo-train-steps', type=int, default=None)
+  p.add_argument('--cache-refresh', default='',
+                 help='comma-separated: extra dual-cache variants refreshed every N steps')
   args = p.parse_args(argv)
   if args.demo_ckpt:
     train = {k: v for k, v in (('gen_length', args.demo_train_gen_length),
                                ('steps', args.demo_train_steps)) if v is not None}
     out = run_demo(args.demo_ckpt, args.gen_length, args.block_length,
                    tuple(float(t) for t in args.taus.split(',')), args.n, args.demo_batch,
-                   args.repeats, train)
+                   args.repeats, train,
+                   tuple(int(n) for n in args.cache_refresh.split(',') if n))
     if args.json:
       print(json.dumps(out, indent=1))
       return

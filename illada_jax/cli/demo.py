@@ -24,7 +24,7 @@ def main(argv=None) -> int:
   ap.add_argument('--d-model', type=int, default=d.d_model, help='model width')
   ap.add_argument('--lr', type=float, default=d.lr, help='peak learning rate')
   ap.add_argument('--gen-length', type=int, default=d.gen_length,
-                  help='answer canvas incl. EOS padding (default: the sum and one EOS)')
+                  help='answer canvas: the sum and its EOS padding')
   ap.add_argument('--no-progress', action='store_true', help='no progress bar')
   args = ap.parse_args(argv)
   import os
