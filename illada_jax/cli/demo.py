@@ -1,6 +1,6 @@
 """`illada-demo`: train a tiny iLLaDA on multi-digit addition on this CPU and sample it.
 
-  illada-demo                      # ~5 minutes on a laptop-class CPU
+  illada-demo                      # 3-6 minutes on a 2-core CPU
   illada-demo --steps 50 --out /tmp/quick   # a smoke run
 """
 
