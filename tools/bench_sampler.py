@@ -15,15 +15,16 @@ for the threshold to commit several tokens per step; NFE is reported.
 Timings are the minimum over `--repeats`. On a shared host, `--single-thread`
 (one XLA thread; combine with `taskset -c N`) makes the ratios reproducible.
 
-  python tools/bench_sampler.py --demo-ckpt /tmp/illada_demo --gen-length 32 --block-length 8
+  python tools/bench_sampler.py --demo-ckpt /tmp/illada_demo [--demo-batch 25] [--cache-refresh 2]
 
 instead samples the built-in demo's held-out addition problems (training the
-demo into that directory first if it has none) with fixed-step decoding (one
-token per step, the accuracy reference), then threshold, threshold + dual
-cache and threshold + prefix cache for each `--taus`, and reports exact-match
-accuracy (answer parsed up to the first EOS), NFE, ms/step, tokens/s and the
-ratios to fixed-step. A gen length longer than the answer leaves an EOS tail,
-as GSM8K's 256 tokens do.
+demo into that directory first if it has no finished run) with fixed-step
+decoding (one token per step, the accuracy reference), then threshold,
+threshold + dual cache and threshold + prefix cache for each `--taus`, and
+reports exact-match accuracy (answer parsed up to the first EOS), NFE,
+ms/step, tokens/s and the ratios to fixed-step. The canvas defaults to the
+one the demo was trained with: the sum and its EOS tail, as SFT answers are
+padded (GSM8K generations are mostly such a tail).
 """
 
 from __future__ import annotations
@@ -84,12 +85,12 @@ def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
   w, l = o.block_length, p + o.gen_length
   x = jnp.concatenate([prompt_BP, jnp.full((b, o.gen_length), cfg.mask_token_id, jnp.int32)], 1)
   nfe = 0
-  model = Transformer(cfg)
-  fwd_kv = jax.jit(lambda x: model.apply({'params': params}, x, KVCache.zeros(cfg, b, l),
-                                         method='hidden_cached'))
-  fwd_win = jax.jit(lambda x, lo, cache: model.apply({'params': params}, x, cache, None, lo,
-                                                     method='hidden_cached'))
-  head = jax.jit(lambda h: model.apply({'params': params}, h, method='logits'))
+  model = Transformer(cfg)  # params are arguments: jit would fold captured weights
+  fwd_kv = jax.jit(lambda params, x: model.apply(
+      {'params': params}, x, KVCache.zeros(cfg, b, l), method='hidden_cached'))
+  fwd_win = jax.jit(lambda params, x, lo, cache: model.apply(
+      {'params': params}, x, cache, None, lo, method='hidden_cached'))
+  head = jax.jit(lambda params, h: model.apply({'params': params}, h, method='logits'))
   for blk in range(o.num_blocks):
     lo = p + blk * w
     m_B = jnp.sum(x[:, lo:lo + w] == cfg.mask_token_id, axis=1)
@@ -102,11 +103,11 @@ def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
       if o.cache is None:
         logits = illada_jax.forward(cfg, params, x)[:, lo:lo + w]
       elif i == 0:
-        h, cache = fwd_kv(x)
-        logits = head(h[:, lo:lo + w])
+        h, cache = fwd_kv(params, x)
+        logits = head(params, h[:, lo:lo + w])
       else:
-        h, _ = fwd_win(x[:, lo:lo + w], lo, cache)
-        logits = head(h)
+        h, _ = fwd_win(params, x[:, lo:lo + w], lo, cache)
+        logits = head(params, h)
       new = _select(cfg, o, logits, x[:, lo:lo + w], m_B, i, jax.random.fold_in(key, nfe))
       x = x.at[:, lo:lo + w].set(new)
       i += 1
