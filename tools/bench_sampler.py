@@ -79,18 +79,28 @@ def _select(cfg, o, logits_BWV, x_BW, m_B, i, key):
   return jnp.where(commit_BW, x0_BW, x_BW)
 
 
+@functools.cache
+def _cache_calls(cfg, b: int, l: int):
+  """Jitted (full pass filling a cache, cached window pass, LM head), built once per shape.
+
+  Params are arguments: jit would fold captured weights into the program.
+  """
+  model = Transformer(cfg)
+  fwd_kv = jax.jit(lambda params, x: model.apply(
+      {'params': params}, x, KVCache.zeros(cfg, b, l), method='hidden_cached'))
+  fwd_win = jax.jit(lambda params, x, lo, cache: model.apply(
+      {'params': params}, x, cache, None, lo, method='hidden_cached'))
+  head = jax.jit(lambda params, h: model.apply({'params': params}, h, method='logits'))
+  return fwd_kv, fwd_win, head
+
+
 def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
   """The same sampler as a host loop of jitted calls; returns (tokens, nfe)."""
   b, p = prompt_BP.shape
   w, l = o.block_length, p + o.gen_length
   x = jnp.concatenate([prompt_BP, jnp.full((b, o.gen_length), cfg.mask_token_id, jnp.int32)], 1)
   nfe = 0
-  model = Transformer(cfg)  # params are arguments: jit would fold captured weights
-  fwd_kv = jax.jit(lambda params, x: model.apply(
-      {'params': params}, x, KVCache.zeros(cfg, b, l), method='hidden_cached'))
-  fwd_win = jax.jit(lambda params, x, lo, cache: model.apply(
-      {'params': params}, x, cache, None, lo, method='hidden_cached'))
-  head = jax.jit(lambda params, h: model.apply({'params': params}, h, method='logits'))
+  fwd_kv, fwd_win, head = _cache_calls(cfg, b, l)
   for blk in range(o.num_blocks):
     lo = p + blk * w
     m_B = jnp.sum(x[:, lo:lo + w] == cfg.mask_token_id, axis=1)
@@ -98,7 +108,8 @@ def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
     while True:
       if o.threshold is None and i >= o.steps_per_block:
         break
-      if o.threshold is not None and not bool(jnp.any(x[:, lo:lo + w] == cfg.mask_token_id)):
+      # As the jitted loop: at most W calls (a committed x0 may itself be MASK).
+      if o.threshold is not None and (i >= w or not bool(jnp.any(x[:, lo:lo + w] == cfg.mask_token_id))):
         break
       if o.cache is None:
         logits = illada_jax.forward(cfg, params, x)[:, lo:lo + w]
@@ -121,7 +132,8 @@ def run(preset='illada_tiny', batch=4, prompt_len=64, gen_length=64, block_lengt
                                               remat_policy='none')
   params = jax.tree.map(lambda x: x * sharpen, illada_jax.init_params(cfg, jax.random.key(seed)))
   rng = np.random.default_rng(seed)
-  prompt = jnp.asarray(rng.integers(10, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+  prompt = rng.integers(10, cfg.vocab_size - 1, (batch, prompt_len))
+  prompt = jnp.asarray(prompt + (prompt >= cfg.mask_token_id), jnp.int32)  # no MASK in prompts
   tokens = jnp.concatenate([prompt, jnp.full((batch, gen_length), cfg.mask_token_id,
                                              jnp.int32)], 1)
   key = jax.random.key(seed)
