@@ -7,6 +7,7 @@ wrong name, transpose, reshape or gate/up swap fails.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -191,6 +192,93 @@ def test_round_trip_is_bit_exact(tmp_path, family, head, index):
     for name, text in TOKENIZER_FILES.items():
       assert (tmp_path / d / name).read_text() == text
   assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
+
+
+def test_round_trip_of_wide_tensors_is_bit_exact(tmp_path):
+  """MLP matrices over 8 MB with rows not a multiple of 8: the threaded, packed transpose."""
+  cfg = tiny_cfg('llada').replace(num_layers=1, d_model=1024, num_heads=16, num_kv_heads=4,
+                                  head_dim=64, mlp_hidden=4100)
+  tensors = make_tensors(cfg)
+  assert tensors['model.transformer.blocks.0.ff_out.weight'].nbytes > 8 << 20
+  write_hf(tmp_path / 'hf', cfg, tensors)
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
+  params = illada_jax.load_checkpoint(tmp_path / 'ck')[1]
+  np.testing.assert_array_equal(np.asarray(params['layers']['mlp']['down_proj'][0]),
+                                tensors['model.transformer.blocks.0.ff_out.weight'].T)
+  convert.orbax_to_hf(tmp_path / 'ck', tmp_path / 'back', progress=False)
+  back = read_hf(tmp_path / 'back')
+  for name, want in tensors.items():
+    assert back[name].tobytes() == want.tobytes(), name
+
+
+@pytest.mark.parametrize('shape,dtype', [
+    ((2051, 1030), BF16), ((2053, 2050), BF16), ((1030, 2050), np.float32),
+    ((37, 101), np.uint8), ((9, 5), np.float64), ((0, 7), BF16)])
+def test_transpose2d_is_bit_exact(shape, dtype):
+  """Random bits (NaN payloads included) through the packed transpose, threaded or not."""
+  itemsize = np.dtype(dtype).itemsize
+  a = np.frombuffer(np.random.default_rng(1).bytes(math.prod(shape) * itemsize),
+                    dtype).reshape(shape)
+  for pool in (None, convert.BufferPool()):
+    got = convert.transpose2d(a, pool)
+    assert got.shape == shape[::-1] and got.dtype == a.dtype and got.flags.c_contiguous
+    assert got.tobytes() == np.ascontiguousarray(a.T).tobytes()
+
+
+def test_pooled_reads_of_unaligned_tensors_equal_plain_reads(tmp_path):
+  """Large reads go around the page cache in aligned spans; the bytes must not shift."""
+  rng = np.random.default_rng(2)
+  tensors = {'a': rng.standard_normal((3,)).astype(BF16),  # leaves later offsets unaligned
+             'b': rng.standard_normal((700, 1030)).astype(BF16),
+             'c': rng.standard_normal((300, 1024)).astype(np.float32)}
+  save_file(tensors, tmp_path / 'model.safetensors')
+  entries = convert.HFSource(tmp_path).entries
+  assert entries['b'].offset % 4096 and entries['b'].nbytes > convert.BufferPool.MIN_BYTES
+  pool = convert.BufferPool()
+  for name, want in tensors.items():
+    got = convert.read_tensor(entries[name], pool=pool)
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
+  rows = convert.read_tensor(entries['c'], rows=(5, 297), pool=pool)  # > MIN_BYTES
+  assert rows.tobytes() == tensors['c'][5:297].tobytes()
+
+
+@pytest.mark.parametrize('direct', [True, False])
+def test_safetensors_writer_with_and_without_o_direct(tmp_path, monkeypatch, direct):
+  """Sizes that are not multiples of the 4 KiB block and span several staging buffers."""
+  if not direct:
+    monkeypatch.delattr(os, 'O_DIRECT', raising=False)
+  monkeypatch.setattr(convert._DirectFile.__init__, '__defaults__', (1 << 16,))  # 64 KiB staging
+  rng = np.random.default_rng(3)
+  arrays = {'x': rng.standard_normal((3,)).astype(BF16),
+            'y': rng.standard_normal((300, 77)).astype(np.float32),
+            'z': rng.standard_normal((1,)).astype(np.float16)}
+  tensors = [convert.OutTensor(n, a.dtype, a.shape, lambda a=a: [a[:1], a[1:]])
+             for n, a in arrays.items()]
+  convert.write_safetensors(str(tmp_path), tensors, shard_size=50_000)
+  back = read_hf(tmp_path)
+  assert sorted(back) == sorted(arrays)
+  for name, want in arrays.items():
+    assert back[name].dtype == want.dtype and back[name].tobytes() == want.tobytes()
+  for f in tmp_path.glob('*.safetensors'):  # no block padding left at the end
+    entries = convert.read_header(str(f))
+    assert f.stat().st_size == max(e.offset + e.nbytes for e in entries.values())
+
+
+def test_buffer_pool_hands_out_a_buffer_again_only_once_released():
+  pool = convert.BufferPool(per_size=2)
+  shape = (1 << 19,)  # 1 MiB of int16
+  a = pool.empty(shape, np.int16)
+  b = pool.empty(shape, np.int16)
+  assert a.ctypes.data != b.ctypes.data
+  view, address = a[::3], a.ctypes.data
+  del a
+  c = pool.empty(shape, np.int16)  # `view` still holds a's memory
+  assert c.ctypes.data not in (address, b.ctypes.data)
+  del view
+  d = pool.empty((1 << 18,), np.float32)  # same byte size, other shape and dtype
+  assert d.ctypes.data == address and d.shape == (1 << 18,) and d.dtype == np.float32
+  small = pool.empty((16,), np.int16)
+  assert small.base is None  # below MIN_BYTES: plain numpy
 
 
 def test_float32_round_trip_and_dtype_option(tmp_path):
