@@ -97,9 +97,7 @@ class BufferPool:
       # referrers are the pooled view's `.base` and getrefcount's argument.
       buf = next((b for b in owned if sys.getrefcount(b.base) == 2), None)
       if buf is None:
-        raw = np.empty(nbytes + _ALIGN, np.uint8)
-        start = -raw.ctypes.data % _ALIGN  # page-aligned: usable for O_DIRECT I/O
-        buf = raw[start:start + nbytes]
+        buf = aligned_empty(nbytes)  # usable for O_DIRECT I/O
         if len(owned) < self.per_size:
           owned.append(buf)
     return buf.view(dtype).reshape(shape)
@@ -193,34 +191,52 @@ def _read_direct(entry: TensorEntry, offset: int, nbytes: int,
 
   Skips the page cache: no copy out of it, and no fresh cache pages to
   allocate (on this machine the kernel's part of a buffered read costs about
-  as much CPU as the rest of hf-to-orbax's reading). The aligned span around
-  the bytes is read into a page-aligned buffer, and a view of the bytes is
-  returned. None where the filesystem refuses `O_DIRECT`.
+  as much CPU as the rest of hf-to-orbax's reading). None where the
+  filesystem refuses `O_DIRECT`.
   """
   if not hasattr(os, 'O_DIRECT'):
     return None
-  lo = offset - offset % _ALIGN
-  span = _round_up(offset + nbytes - lo, _ALIGN)
   try:
     fd = os.open(entry.file, os.O_RDONLY | os.O_DIRECT | getattr(os, 'O_CLOEXEC', 0))
   except OSError:
     return None
-  # One buffer size per tensor size, whatever the alignment: reusable by the pool.
-  buf = pool.empty((_round_up(nbytes, _ALIGN) + _ALIGN,), np.uint8)
-  done = 0
   try:
-    while done < span:
-      got = os.preadv(fd, [buf[done:min(span, done + _READ_CALL_BYTES)]], lo + done)
-      if not got:
-        break
-      done += got
+    out = _pread_aligned(fd, offset, nbytes, pool)
   except OSError:
     return None
   finally:
     os.close(fd)
-  if done < offset + nbytes - lo:
+  if out is None:
     raise ConversionError(f'{entry.file}: truncated while reading tensor {entry.name}')
+  return out
+
+
+def _pread_aligned(fd: int, offset: int, nbytes: int, pool: BufferPool) -> np.ndarray | None:
+  """Bytes `[offset, offset + nbytes)` of `fd` (uint8), or None if the file ends first.
+
+  Reads the enclosing span of whole 4 KiB blocks into a page-aligned buffer,
+  as `O_DIRECT` requires, and returns a view of the bytes asked for.
+  """
+  lo = offset - offset % _ALIGN
+  span = _round_up(offset + nbytes - lo, _ALIGN)
+  size = _round_up(nbytes, _ALIGN) + _ALIGN  # one size per nbytes: reusable by the pool
+  buf = pool.empty((size,), np.uint8) if size >= pool.MIN_BYTES else aligned_empty(size)
+  done = 0
+  while done < span:
+    got = os.preadv(fd, [buf[done:min(span, done + _READ_CALL_BYTES)]], lo + done)
+    if not got:
+      break
+    done += got
+  if done < offset + nbytes - lo:
+    return None
   return buf[offset - lo:offset - lo + nbytes]
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+  """An uninitialised uint8 array of `nbytes` starting on a 4 KiB page boundary."""
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -727,7 +743,7 @@ class _DirectFile:
   Where the filesystem refuses `O_DIRECT` (tmpfs), it writes normally.
   """
 
-  ALIGN = 4096
+  ALIGN = _ALIGN
 
   def __init__(self, path: str, buffer_bytes: int = 16 << 20):
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0)
@@ -737,9 +753,7 @@ class _DirectFile:
     except OSError:
       self.direct = False
       self.fd = os.open(path, flags, 0o666)
-    raw = np.empty(buffer_bytes + self.ALIGN, np.uint8)
-    start = -raw.ctypes.data % self.ALIGN
-    self.buf = raw[start:start + buffer_bytes]
+    self.buf = aligned_empty(buffer_bytes)
     self.fill = self.size = 0
 
   def write(self, data) -> None:
@@ -910,6 +924,140 @@ def _out_tensors(cfg: ModelConfig, arrays, tied_head: bool) -> list[OutTensor]:
   return out
 
 
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+    table.append(c)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), as zarr3's `crc32c` codec appends to shard indexes."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+class RawZarr3:
+  """O_DIRECT reads of an uncompressed, sharded zarr3 array: the layout hf-to-orbax writes.
+
+  TensorStore reads such files with buffered `pread`s (0.77 GB/s for a 3.9 GB
+  checkpoint here, against 2.3 GB/s with O_DIRECT), which made it the
+  bottleneck of orbax-to-hf. A shard file is its inner chunks' raw bytes
+  followed by an index of (offset, nbytes) pairs and that index's CRC-32C;
+  a read fetches the index, checks it, and copies the inner chunks that meet
+  the requested region. `open` returns None for any other layout (OCDBT,
+  compression, zarr v2, ...), and `read` returns None for anything unusual
+  (a missing chunk, a failed read): the caller then reads with TensorStore.
+  """
+
+  def __init__(self, directory: str, shape, dtype, chunk, inner):
+    self.dir, self.shape, self.dtype = directory, tuple(shape), np.dtype(dtype)
+    self.chunk, self.inner = tuple(chunk), tuple(inner)
+    self.grid = tuple(c // i for c, i in zip(self.chunk, self.inner))  # inner chunks per shard
+    self.index_bytes = 16 * math.prod(self.grid) + 4
+
+  @classmethod
+  def open(cls, store) -> RawZarr3 | None:
+    try:
+      spec = store.spec(minimal_spec=False).to_json()
+    except Exception:  # noqa: BLE001 - any store we cannot describe is read by TensorStore
+      return None
+    kv, meta = spec.get('kvstore', {}), spec.get('metadata', {})
+    little = {'name': 'bytes', 'configuration': {'endian': 'little'}}
+    codecs = meta.get('codecs', [])
+    if (spec.get('driver') != 'zarr3' or kv.get('driver') != 'file' or len(codecs) != 1
+        or meta.get('chunk_key_encoding') not in (
+            {'name': 'default'}, {'name': 'default', 'configuration': {'separator': '/'}})
+        or meta.get('chunk_grid', {}).get('name') != 'regular'
+        or meta.get('data_type') not in ('bfloat16', 'float16', 'float32')):
+      return None
+    shard = codecs[0].get('configuration', {})
+    if (codecs[0].get('name') != 'sharding_indexed' or shard.get('codecs') != [little]
+        or shard.get('index_codecs') != [little, {'name': 'crc32c'}]
+        or shard.get('index_location', 'end') != 'end'):
+      return None
+    shape, chunk = meta['shape'], meta['chunk_grid']['configuration']['chunk_shape']
+    inner = shard['chunk_shape']
+    if (list(store.shape) != list(shape) or any(store.domain.origin)
+        or any(c % i for c, i in zip(chunk, inner))):
+      return None
+    return cls(kv['path'], shape, ST_DTYPES[{'bfloat16': 'BF16', 'float16': 'F16',
+                                             'float32': 'F32'}[meta['data_type']]],
+               chunk, inner)
+
+  def read(self, index, pool: BufferPool) -> np.ndarray | None:
+    """`array[index]` (ints and unit-step slices) if it lies within one shard, else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    lo, hi, keep = [], [], []
+    for d, n in enumerate(self.shape):
+      x = index[d] if d < len(index) else slice(None)
+      if isinstance(x, int):
+        lo.append(x)
+        hi.append(x + 1)
+        keep.append(False)
+      else:
+        start, stop, step = x.indices(n)
+        if step != 1 or stop <= start:
+          return None
+        lo.append(start)
+        hi.append(stop)
+        keep.append(True)
+    shard = [a // c for a, c in zip(lo, self.chunk)]
+    if any(b > (s + 1) * c for b, s, c in zip(hi, shard, self.chunk)):
+      return None
+    path = os.path.join(self.dir, 'c', *map(str, shard))
+    out = pool.empty(tuple(b - a for a, b in zip(lo, hi)), self.dtype)
+    try:
+      fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECT', 0))
+    except OSError:
+      return None
+    try:
+      if not self._copy_region(fd, shard, lo, hi, out, pool):
+        return None
+    except OSError:
+      return None
+    finally:
+      os.close(fd)
+    return out.reshape(tuple(n for n, k in zip(out.shape, keep) if k))
+
+  def _copy_region(self, fd, shard, lo, hi, out, pool) -> bool:
+    size = os.fstat(fd).st_size
+    data_end = size - self.index_bytes
+    if data_end < 0:
+      return False
+    raw = _pread_aligned(fd, data_end, self.index_bytes, pool)
+    if raw is None or crc32c(raw[:-4].tobytes()) != int.from_bytes(raw[-4:].tobytes(), 'little'):
+      return False
+    table = raw[:-4].view('<u8').reshape(self.grid + (2,))
+    inner_nbytes = math.prod(self.inner) * self.dtype.itemsize
+    base = [s * c for s, c in zip(shard, self.chunk)]
+    first = [(a - b0) // i for a, b0, i in zip(lo, base, self.inner)]
+    last = [(b - 1 - b0) // i for b, b0, i in zip(hi, base, self.inner)]
+    for k in np.ndindex(*(l - f + 1 for f, l in zip(first, last))):
+      k = tuple(f + j for f, j in zip(first, k))
+      offset, nbytes = (int(v) for v in table[k])
+      if nbytes != inner_nbytes or offset + nbytes > data_end:
+        return False  # missing (all ones) or inconsistent
+      chunk = _pread_aligned(fd, offset, nbytes, pool)
+      if chunk is None:
+        return False
+      chunk = chunk.view(self.dtype).reshape(self.inner)
+      c0 = [b0 + kk * i for b0, kk, i in zip(base, k, self.inner)]  # array coords of the chunk
+      a = [max(x, y) for x, y in zip(lo, c0)]
+      b = [min(x, y + i) for x, y, i in zip(hi, c0, self.inner)]
+      out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = (
+          chunk[tuple(slice(x - c, y - c) for x, y, c in zip(a, b, c0))])
+    return True
+
+
 class _ReadAhead:
   """Reads `arrays[key][index]`; after a read listed in `order`, starts the next one.
 
@@ -921,6 +1069,8 @@ class _ReadAhead:
     self.arrays, self.order = arrays, order
     self.position = {k: n for n, k in enumerate(order)}
     self.started: dict[tuple[str, int], Any] = {}
+    self.raw = {key: RawZarr3.open(store) for key, store in arrays.items()}
+    self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='read_ahead')
 
   def __call__(self, key: str, index) -> np.ndarray:
     k = (key, index) if isinstance(index, int) else None
@@ -931,15 +1081,19 @@ class _ReadAhead:
       nk, ni = self.order[n + 1]
       if (nk, ni) not in self.started:
         self.started[(nk, ni)] = self._start(nk, ni)
-    out, write = pending
-    write.result()
-    return out
+    return pending.result()
 
-  def _start(self, key: str, index):
-    """(buffer, future): the read into a pooled buffer (not one TensorStore allocates)."""
-    view = self.arrays[key][index]
-    out = POOL.empty(tuple(view.shape), view.dtype.numpy_dtype)
-    return out, ts.array(out, copy=False, write=True).write(view)
+  def _start(self, key: str, index) -> concurrent.futures.Future:
+    return self.executor.submit(self._read, key, index)
+
+  def _read(self, key: str, index) -> np.ndarray:
+    raw = self.raw[key]
+    out = raw.read(index, POOL) if raw is not None else None
+    if out is None:  # into a pooled buffer, not one TensorStore allocates
+      view = self.arrays[key][index]
+      out = POOL.empty(tuple(view.shape), view.dtype.numpy_dtype)
+      ts.array(out, copy=False, write=True).write(view).result()
+    return out
 
 
 def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,

@@ -329,6 +329,52 @@ def test_mesh_option_sets_read_chunks_to_device_shards(tmp_path):
   assert inner_chunk('embedder.embedding') == [cfg.vocab_size // 2, d // 2]
 
 
+def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
+  """Regions within one shard, across inner chunks, partial and at the array's edge."""
+  from illada_jax import checkpoint
+  cfg = tiny_cfg('llada').replace(vocab_size=130)  # table shards of 128 rows and of 2
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', mesh='data=1,fsdp=2,tensor=2',
+                      progress=False)
+  arrays = checkpoint.open_stored_arrays(tmp_path / 'ck')
+  pool = convert.BufferPool()
+  pool.MIN_BYTES = 0  # pooled (page-aligned) buffers for these tiny reads too
+  indices = {'layers/mlp/gate_proj': [0, 1, (1, slice(3, 40))],
+             'layers/attn/k_proj': [1, (0, slice(None), 1)],
+             'embedder/embedding': [slice(0, 128), slice(7, 61), slice(128, 130),
+                                    (slice(100, 120), slice(5, 9))],
+             'final_norm/scale': [(), slice(10, 20)]}
+  for key, cases in indices.items():
+    raw = convert.RawZarr3.open(arrays[key])
+    assert raw is not None, key
+    for index in cases:
+      got = raw.read(index, pool)
+      want = arrays[key][index].read().result()
+      assert got is not None and got.shape == want.shape, (key, index)
+      assert got.tobytes() == want.tobytes(), (key, index)
+  # A region over two shards is left to TensorStore.
+  assert convert.RawZarr3.open(arrays['layers/mlp/gate_proj']).read(slice(0, 2), pool) is None
+  assert convert.RawZarr3.open(arrays['embedder/embedding']).read(slice(120, 130), pool) is None
+
+
+def test_direct_shard_reads_refuse_a_corrupt_index(tmp_path):
+  from illada_jax import checkpoint
+  cfg = tiny_cfg('illada')
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
+  shard = tmp_path / 'ck' / 'params' / 'layers.attn.q_proj' / 'c' / '1' / '0' / '0' / '0'
+  data = bytearray(shard.read_bytes())
+  data[-10] ^= 1  # inside the index: its CRC-32C no longer matches
+  shard.write_bytes(bytes(data))
+  raw = convert.RawZarr3.open(checkpoint.open_stored_arrays(tmp_path / 'ck')['layers/attn/q_proj'])
+  assert raw.read(0, convert.BufferPool()) is not None
+  assert raw.read(1, convert.BufferPool()) is None
+
+
+def test_crc32c_check_value():
+  assert convert.crc32c(b'123456789') == 0xE3069283
+
+
 # -- bad input ------------------------------------------------------------------------
 
 def _bad_case(tmp_path, case):
