@@ -53,6 +53,7 @@ from orbax.checkpoint import type_handlers as oth
 from orbax.checkpoint._src.futures import future as ocp_future
 
 from illada_jax import model as model_lib
+from illada_jax import rawio
 from illada_jax import sharding as sharding_lib
 from illada_jax.config import ModelConfig
 
@@ -280,9 +281,17 @@ class _LazyArrayHandler(oth.NumpyHandler):
 async def _write_blocks(array: ts.TensorStore, leaf: LazyArray):
   inflight: collections.deque = collections.deque()
   dtype = np.dtype(leaf.dtype)
+  # The shard files of the layout `_zarr3_metadata` asks for are written
+  # directly with O_DIRECT, not through TensorStore's buffered file writes.
+  raw = rawio.RawZarr3.open(array)
   for index, data in leaf.blocks():
     if data.dtype != dtype:
       data = data.astype(dtype)
+    if raw is not None and raw.write(index, data):
+      if leaf.on_block is not None:
+        leaf.on_block(data.nbytes)
+      await asyncio.sleep(0)
+      continue
     # Yield between blocks so TensorStore's callbacks run while we read.
     inflight.append((array[index].write(data), data.nbytes))
     while len(inflight) >= MAX_INFLIGHT_WRITES:

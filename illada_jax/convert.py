@@ -31,7 +31,6 @@ import os
 import queue
 import re
 import shutil
-import sys
 import tempfile
 import threading
 from typing import Any, Callable, Iterable, Iterator
@@ -42,6 +41,7 @@ import tensorstore as ts
 from tqdm.auto import tqdm
 
 from illada_jax import checkpoint as ckpt_lib
+from illada_jax import rawio
 from illada_jax import sharding as sharding_lib
 from illada_jax.config import ModelConfig
 
@@ -58,52 +58,6 @@ HF_SINGLE = 'model.safetensors'
 _PICKLE_PATTERNS = ('*.bin', '*.pt', '*.pth', '*.ckpt', '*.pkl')
 # Row blocks of the [V, D] tables: bounded memory, aligned outer chunks.
 _TABLE_BLOCK_BYTES = 64 << 20
-_READ_CALL_BYTES = 1 << 30  # Linux reads at most ~2 GiB per call
-_ALIGN = 4096  # O_DIRECT alignment of buffers, offsets and sizes
-
-
-# -- scratch memory ------------------------------------------------------------------
-
-class BufferPool:
-  """Scratch arrays recycled by size once nothing but the pool refers to them.
-
-  A fresh 100 MB numpy array is a fresh mmap: the kernel faults in and
-  zeroes every page on first write, which was a third of hf-to-orbax's CPU
-  time. Conversion allocates the same few sizes once per layer (the read
-  buffer and transpose output of q/k/v/o and the MLP matrices, the table
-  row blocks), so buffers are kept per byte size and handed out again when
-  their reference count shows that every view of them has been dropped
-  (TensorStore holds the array until its write has copied it; the safetensors
-  writer until `write` returns). Small arrays come from the heap anyway.
-  """
-
-  MIN_BYTES = 1 << 20
-
-  def __init__(self, per_size: int = 8):
-    self.per_size = per_size
-    self._free: dict[int, list[np.ndarray]] = {}
-    self._lock = threading.Lock()
-
-  def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array of `shape` and `dtype`."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < self.MIN_BYTES:
-      return np.empty(shape, dtype)
-    with self._lock:
-      owned = self._free.setdefault(nbytes, [])
-      # Every view of a buffer refers to the allocation that owns its memory
-      # (numpy collapses view chains), so that is idle when its only
-      # referrers are the pooled view's `.base` and getrefcount's argument.
-      buf = next((b for b in owned if sys.getrefcount(b.base) == 2), None)
-      if buf is None:
-        buf = aligned_empty(nbytes)  # usable for O_DIRECT I/O
-        if len(owned) < self.per_size:
-          owned.append(buf)
-    return buf.view(dtype).reshape(shape)
-
-
-POOL = BufferPool()
 
 
 # -- safetensors reading -----------------------------------------------------------
@@ -159,7 +113,7 @@ def read_header(path: str) -> dict[str, TensorEntry]:
 
 
 def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None,
-                pool: BufferPool | None = None) -> np.ndarray:
+                pool: rawio.BufferPool | None = None) -> np.ndarray:
   """The tensor (or its rows `[r0, r1)` along axis 0) as a numpy array (from `pool`)."""
   dtype = ST_DTYPES[entry.dtype]
   shape, offset = entry.shape, entry.offset
@@ -178,7 +132,7 @@ def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None,
     f.seek(offset)
     done = 0
     while done < len(buf):
-      got = f.readinto(buf[done:done + _READ_CALL_BYTES])
+      got = f.readinto(buf[done:done + rawio.READ_CALL_BYTES])
       if not got:
         raise ConversionError(f'{entry.file}: truncated while reading tensor {entry.name}')
       done += got
@@ -186,7 +140,7 @@ def read_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None,
 
 
 def _read_direct(entry: TensorEntry, offset: int, nbytes: int,
-                 pool: BufferPool) -> np.ndarray | None:
+                 pool: rawio.BufferPool) -> np.ndarray | None:
   """Bytes `[offset, offset + nbytes)` of the file read with `O_DIRECT` (uint8, from `pool`).
 
   Skips the page cache: no copy out of it, and no fresh cache pages to
@@ -201,7 +155,7 @@ def _read_direct(entry: TensorEntry, offset: int, nbytes: int,
   except OSError:
     return None
   try:
-    out = _pread_aligned(fd, offset, nbytes, pool)
+    out = rawio.pread_aligned(fd, offset, nbytes, pool)
   except OSError:
     return None
   finally:
@@ -209,38 +163,6 @@ def _read_direct(entry: TensorEntry, offset: int, nbytes: int,
   if out is None:
     raise ConversionError(f'{entry.file}: truncated while reading tensor {entry.name}')
   return out
-
-
-def _pread_aligned(fd: int, offset: int, nbytes: int, pool: BufferPool) -> np.ndarray | None:
-  """Bytes `[offset, offset + nbytes)` of `fd` (uint8), or None if the file ends first.
-
-  Reads the enclosing span of whole 4 KiB blocks into a page-aligned buffer,
-  as `O_DIRECT` requires, and returns a view of the bytes asked for.
-  """
-  lo = offset - offset % _ALIGN
-  span = _round_up(offset + nbytes - lo, _ALIGN)
-  size = _round_up(nbytes, _ALIGN) + _ALIGN  # one size per nbytes: reusable by the pool
-  buf = pool.empty((size,), np.uint8) if size >= pool.MIN_BYTES else aligned_empty(size)
-  done = 0
-  while done < span:
-    got = os.preadv(fd, [buf[done:min(span, done + _READ_CALL_BYTES)]], lo + done)
-    if not got:
-      break
-    done += got
-  if done < offset + nbytes - lo:
-    return None
-  return buf[offset - lo:offset - lo + nbytes]
-
-
-def aligned_empty(nbytes: int) -> np.ndarray:
-  """An uninitialised uint8 array of `nbytes` starting on a 4 KiB page boundary."""
-  raw = np.empty(nbytes + _ALIGN, np.uint8)
-  start = -raw.ctypes.data % _ALIGN
-  return raw[start:start + nbytes]
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 class HFSource:
@@ -418,7 +340,7 @@ _TRANSPOSE_THREADS = 2
 _transpose_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def transpose2d(a: np.ndarray, pool: BufferPool | None = POOL) -> np.ndarray:
+def transpose2d(a: np.ndarray, pool: rawio.BufferPool | None = rawio.POOL) -> np.ndarray:
   """`a.T` as a new C-contiguous array (from `pool`), copied bit-exactly on two threads.
 
   numpy moves one element per iteration of its strided copy loop, so a
@@ -569,7 +491,7 @@ def _lazy_tree(src: HFSource, cfg: ModelConfig, prefs, progress) -> dict[str, An
 
       def blocks(m=m):
         for i in range(cfg.num_layers):
-          p = to_param(m.kind, read_tensor(src.entries[m.hf_name(i)], pool=POOL), cfg)
+          p = to_param(m.kind, read_tensor(src.entries[m.hf_name(i)], pool=rawio.POOL), cfg)
           progress.tensor_done()
           yield i, p
     elif m.kind in ('copy', 'head') and len(shape) == 2:
@@ -579,7 +501,7 @@ def _lazy_tree(src: HFSource, cfg: ModelConfig, prefs, progress) -> dict[str, An
       def blocks(m=m, rows=rows):
         entry = src.entries[m.hf_name()]
         for r0, r1 in _blocks(cfg.vocab_size, rows):
-          a = read_tensor(entry, (r0, r1), pool=POOL)
+          a = read_tensor(entry, (r0, r1), pool=rawio.POOL)
           index = slice(r0, r1) if m.kind == 'copy' else (slice(None), slice(r0, r1))
           yield index, to_param(m.kind, a, cfg)
         progress.tensor_done()
@@ -731,69 +653,6 @@ def parse_size(text: str | int) -> int:
   return size
 
 
-class _DirectFile:
-  """A new file written sequentially through `O_DIRECT`, in aligned blocks; fsynced on close.
-
-  Buffered writes of a 15 GB checkpoint cost more kernel time here than
-  anything else in orbax-to-hf (copying into fresh page-cache pages, then
-  write-back): `dd` of 3.9 GB with `sync` took 16 s buffered and 4 s with
-  `oflag=direct` on this machine. Bytes are gathered in a page-aligned
-  staging buffer and written a full buffer at a time; the last partial
-  block is padded to the alignment and the file truncated to its true size.
-  Where the filesystem refuses `O_DIRECT` (tmpfs), it writes normally.
-  """
-
-  ALIGN = _ALIGN
-
-  def __init__(self, path: str, buffer_bytes: int = 16 << 20):
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0)
-    self.direct = hasattr(os, 'O_DIRECT')
-    try:
-      self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o666)
-    except OSError:
-      self.direct = False
-      self.fd = os.open(path, flags, 0o666)
-    self.buf = aligned_empty(buffer_bytes)
-    self.fill = self.size = 0
-
-  def write(self, data) -> None:
-    """Appends the bytes of `data` (bytes or a flat uint8 array)."""
-    data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
-    done = 0
-    while done < len(data):
-      n = min(len(data) - done, len(self.buf) - self.fill)
-      self.buf[self.fill:self.fill + n] = data[done:done + n]
-      self.fill += n
-      done += n
-      if self.fill == len(self.buf):
-        self._flush(self.fill)
-    self.size += len(data)
-
-  def _flush(self, nbytes: int) -> None:
-    view = memoryview(self.buf[:nbytes])
-    while view.nbytes:
-      view = view[os.write(self.fd, view):]
-    self.fill = 0
-
-  def __enter__(self) -> '_DirectFile':
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    try:
-      if exc_type is None:
-        tail = self.fill
-        if self.direct and tail % self.ALIGN:
-          padded = tail + (-tail % self.ALIGN)
-          self.buf[tail:padded] = 0
-          self._flush(padded)
-          os.ftruncate(self.fd, self.size)
-        elif tail:
-          self._flush(tail)
-        os.fsync(self.fd)
-    finally:
-      os.close(self.fd)
-
-
 def write_safetensors(dst_dir: str, tensors: list[OutTensor], shard_size: int,
                       on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Streams `tensors` into `model-0000k-of-0000n.safetensors` shards; returns the index.
@@ -833,7 +692,7 @@ def write_safetensors(dst_dir: str, tensors: list[OutTensor], shard_size: int,
     for (fname, header), shard in zip(headers, shards):
       raw = json.dumps(header, separators=(',', ':')).encode()
       raw += b' ' * (-len(raw) % 8)
-      with _DirectFile(os.path.join(dst_dir, fname)) as f:
+      with rawio.DirectFile(os.path.join(dst_dir, fname)) as f:
         f.write(len(raw).to_bytes(8, 'little'))
         f.write(raw)
         for t in shard:
@@ -924,140 +783,6 @@ def _out_tensors(cfg: ModelConfig, arrays, tied_head: bool) -> list[OutTensor]:
   return out
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-    table.append(c)
-  return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), as zarr3's `crc32c` codec appends to shard indexes."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-class RawZarr3:
-  """O_DIRECT reads of an uncompressed, sharded zarr3 array: the layout hf-to-orbax writes.
-
-  TensorStore reads such files with buffered `pread`s (0.77 GB/s for a 3.9 GB
-  checkpoint here, against 2.3 GB/s with O_DIRECT), which made it the
-  bottleneck of orbax-to-hf. A shard file is its inner chunks' raw bytes
-  followed by an index of (offset, nbytes) pairs and that index's CRC-32C;
-  a read fetches the index, checks it, and copies the inner chunks that meet
-  the requested region. `open` returns None for any other layout (OCDBT,
-  compression, zarr v2, ...), and `read` returns None for anything unusual
-  (a missing chunk, a failed read): the caller then reads with TensorStore.
-  """
-
-  def __init__(self, directory: str, shape, dtype, chunk, inner):
-    self.dir, self.shape, self.dtype = directory, tuple(shape), np.dtype(dtype)
-    self.chunk, self.inner = tuple(chunk), tuple(inner)
-    self.grid = tuple(c // i for c, i in zip(self.chunk, self.inner))  # inner chunks per shard
-    self.index_bytes = 16 * math.prod(self.grid) + 4
-
-  @classmethod
-  def open(cls, store) -> RawZarr3 | None:
-    try:
-      spec = store.spec(minimal_spec=False).to_json()
-    except Exception:  # noqa: BLE001 - any store we cannot describe is read by TensorStore
-      return None
-    kv, meta = spec.get('kvstore', {}), spec.get('metadata', {})
-    little = {'name': 'bytes', 'configuration': {'endian': 'little'}}
-    codecs = meta.get('codecs', [])
-    if (spec.get('driver') != 'zarr3' or kv.get('driver') != 'file' or len(codecs) != 1
-        or meta.get('chunk_key_encoding') not in (
-            {'name': 'default'}, {'name': 'default', 'configuration': {'separator': '/'}})
-        or meta.get('chunk_grid', {}).get('name') != 'regular'
-        or meta.get('data_type') not in ('bfloat16', 'float16', 'float32')):
-      return None
-    shard = codecs[0].get('configuration', {})
-    if (codecs[0].get('name') != 'sharding_indexed' or shard.get('codecs') != [little]
-        or shard.get('index_codecs') != [little, {'name': 'crc32c'}]
-        or shard.get('index_location', 'end') != 'end'):
-      return None
-    shape, chunk = meta['shape'], meta['chunk_grid']['configuration']['chunk_shape']
-    inner = shard['chunk_shape']
-    if (list(store.shape) != list(shape) or any(store.domain.origin)
-        or any(c % i for c, i in zip(chunk, inner))):
-      return None
-    return cls(kv['path'], shape, ST_DTYPES[{'bfloat16': 'BF16', 'float16': 'F16',
-                                             'float32': 'F32'}[meta['data_type']]],
-               chunk, inner)
-
-  def read(self, index, pool: BufferPool) -> np.ndarray | None:
-    """`array[index]` (ints and unit-step slices) if it lies within one shard, else None."""
-    index = index if isinstance(index, tuple) else (index,)
-    lo, hi, keep = [], [], []
-    for d, n in enumerate(self.shape):
-      x = index[d] if d < len(index) else slice(None)
-      if isinstance(x, int):
-        lo.append(x)
-        hi.append(x + 1)
-        keep.append(False)
-      else:
-        start, stop, step = x.indices(n)
-        if step != 1 or stop <= start:
-          return None
-        lo.append(start)
-        hi.append(stop)
-        keep.append(True)
-    shard = [a // c for a, c in zip(lo, self.chunk)]
-    if any(b > (s + 1) * c for b, s, c in zip(hi, shard, self.chunk)):
-      return None
-    path = os.path.join(self.dir, 'c', *map(str, shard))
-    out = pool.empty(tuple(b - a for a, b in zip(lo, hi)), self.dtype)
-    try:
-      fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECT', 0))
-    except OSError:
-      return None
-    try:
-      if not self._copy_region(fd, shard, lo, hi, out, pool):
-        return None
-    except OSError:
-      return None
-    finally:
-      os.close(fd)
-    return out.reshape(tuple(n for n, k in zip(out.shape, keep) if k))
-
-  def _copy_region(self, fd, shard, lo, hi, out, pool) -> bool:
-    size = os.fstat(fd).st_size
-    data_end = size - self.index_bytes
-    if data_end < 0:
-      return False
-    raw = _pread_aligned(fd, data_end, self.index_bytes, pool)
-    if raw is None or crc32c(raw[:-4].tobytes()) != int.from_bytes(raw[-4:].tobytes(), 'little'):
-      return False
-    table = raw[:-4].view('<u8').reshape(self.grid + (2,))
-    inner_nbytes = math.prod(self.inner) * self.dtype.itemsize
-    base = [s * c for s, c in zip(shard, self.chunk)]
-    first = [(a - b0) // i for a, b0, i in zip(lo, base, self.inner)]
-    last = [(b - 1 - b0) // i for b, b0, i in zip(hi, base, self.inner)]
-    for k in np.ndindex(*(l - f + 1 for f, l in zip(first, last))):
-      k = tuple(f + j for f, j in zip(first, k))
-      offset, nbytes = (int(v) for v in table[k])
-      if nbytes != inner_nbytes or offset + nbytes > data_end:
-        return False  # missing (all ones) or inconsistent
-      chunk = _pread_aligned(fd, offset, nbytes, pool)
-      if chunk is None:
-        return False
-      chunk = chunk.view(self.dtype).reshape(self.inner)
-      c0 = [b0 + kk * i for b0, kk, i in zip(base, k, self.inner)]  # array coords of the chunk
-      a = [max(x, y) for x, y in zip(lo, c0)]
-      b = [min(x, y + i) for x, y, i in zip(hi, c0, self.inner)]
-      out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = (
-          chunk[tuple(slice(x - c, y - c) for x, y, c in zip(a, b, c0))])
-    return True
-
-
 class _ReadAhead:
   """Reads `arrays[key][index]`; after a read listed in `order`, starts the next one.
 
@@ -1069,7 +794,7 @@ class _ReadAhead:
     self.arrays, self.order = arrays, order
     self.position = {k: n for n, k in enumerate(order)}
     self.started: dict[tuple[str, int], Any] = {}
-    self.raw = {key: RawZarr3.open(store) for key, store in arrays.items()}
+    self.raw = {key: rawio.RawZarr3.open(store) for key, store in arrays.items()}
     self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='read_ahead')
 
   def __call__(self, key: str, index) -> np.ndarray:
@@ -1088,10 +813,10 @@ class _ReadAhead:
 
   def _read(self, key: str, index) -> np.ndarray:
     raw = self.raw[key]
-    out = raw.read(index, POOL) if raw is not None else None
+    out = raw.read(index, rawio.POOL) if raw is not None else None
     if out is None:  # into a pooled buffer, not one TensorStore allocates
       view = self.arrays[key][index]
-      out = POOL.empty(tuple(view.shape), view.dtype.numpy_dtype)
+      out = rawio.POOL.empty(tuple(view.shape), view.dtype.numpy_dtype)
       ts.array(out, copy=False, write=True).write(view).result()
     return out
 

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import illada_jax
-from illada_jax import convert
+from illada_jax import convert, rawio
 from illada_jax.cli import convert as cli
 
 BF16 = ml_dtypes.bfloat16
@@ -219,7 +219,7 @@ def test_transpose2d_is_bit_exact(shape, dtype):
   itemsize = np.dtype(dtype).itemsize
   a = np.frombuffer(np.random.default_rng(1).bytes(math.prod(shape) * itemsize),
                     dtype).reshape(shape)
-  for pool in (None, convert.BufferPool()):
+  for pool in (None, rawio.BufferPool()):
     got = convert.transpose2d(a, pool)
     assert got.shape == shape[::-1] and got.dtype == a.dtype and got.flags.c_contiguous
     assert got.tobytes() == np.ascontiguousarray(a.T).tobytes()
@@ -233,8 +233,8 @@ def test_pooled_reads_of_unaligned_tensors_equal_plain_reads(tmp_path):
              'c': rng.standard_normal((300, 1024)).astype(np.float32)}
   save_file(tensors, tmp_path / 'model.safetensors')
   entries = convert.HFSource(tmp_path).entries
-  assert entries['b'].offset % 4096 and entries['b'].nbytes > convert.BufferPool.MIN_BYTES
-  pool = convert.BufferPool()
+  assert entries['b'].offset % 4096 and entries['b'].nbytes > rawio.BufferPool.MIN_BYTES
+  pool = rawio.BufferPool()
   for name, want in tensors.items():
     got = convert.read_tensor(entries[name], pool=pool)
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
@@ -247,7 +247,7 @@ def test_safetensors_writer_with_and_without_o_direct(tmp_path, monkeypatch, dir
   """Sizes that are not multiples of the 4 KiB block and span several staging buffers."""
   if not direct:
     monkeypatch.delattr(os, 'O_DIRECT', raising=False)
-  monkeypatch.setattr(convert._DirectFile.__init__, '__defaults__', (1 << 16,))  # 64 KiB staging
+  monkeypatch.setattr(rawio.DirectFile.__init__, '__defaults__', (1 << 16,))  # 64 KiB staging
   rng = np.random.default_rng(3)
   arrays = {'x': rng.standard_normal((3,)).astype(BF16),
             'y': rng.standard_normal((300, 77)).astype(np.float32),
@@ -265,7 +265,7 @@ def test_safetensors_writer_with_and_without_o_direct(tmp_path, monkeypatch, dir
 
 
 def test_buffer_pool_hands_out_a_buffer_again_only_once_released():
-  pool = convert.BufferPool(per_size=2)
+  pool = rawio.BufferPool(per_size=2)
   shape = (1 << 19,)  # 1 MiB of int16
   a = pool.empty(shape, np.int16)
   b = pool.empty(shape, np.int16)
@@ -337,7 +337,7 @@ def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
   convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', mesh='data=1,fsdp=2,tensor=2',
                       progress=False)
   arrays = checkpoint.open_stored_arrays(tmp_path / 'ck')
-  pool = convert.BufferPool()
+  pool = rawio.BufferPool()
   pool.MIN_BYTES = 0  # pooled (page-aligned) buffers for these tiny reads too
   indices = {'layers/mlp/gate_proj': [0, 1, (1, slice(3, 40))],
              'layers/attn/k_proj': [1, (0, slice(None), 1)],
@@ -345,7 +345,7 @@ def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
                                     (slice(100, 120), slice(5, 9))],
              'final_norm/scale': [(), slice(10, 20)]}
   for key, cases in indices.items():
-    raw = convert.RawZarr3.open(arrays[key])
+    raw = rawio.RawZarr3.open(arrays[key])
     assert raw is not None, key
     for index in cases:
       got = raw.read(index, pool)
@@ -353,8 +353,24 @@ def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
       assert got is not None and got.shape == want.shape, (key, index)
       assert got.tobytes() == want.tobytes(), (key, index)
   # A region over two shards is left to TensorStore.
-  assert convert.RawZarr3.open(arrays['layers/mlp/gate_proj']).read(slice(0, 2), pool) is None
-  assert convert.RawZarr3.open(arrays['embedder/embedding']).read(slice(120, 130), pool) is None
+  assert rawio.RawZarr3.open(arrays['layers/mlp/gate_proj']).read(slice(0, 2), pool) is None
+  assert rawio.RawZarr3.open(arrays['embedder/embedding']).read(slice(120, 130), pool) is None
+
+
+def test_streaming_save_writes_every_shard_directly(tmp_path, monkeypatch):
+  written = []
+  write = rawio.RawZarr3.write
+  monkeypatch.setattr(rawio.RawZarr3, 'write',
+                      lambda self, index, data: written.append(write(self, index, data)) or
+                      written[-1])
+  cfg = tiny_cfg('illada')
+  tensors = make_tensors(cfg)
+  write_hf(tmp_path / 'hf', cfg, tensors)
+  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
+  assert written == [True] * (9 * cfg.num_layers + 2)  # 9 per layer, embedding, final norm
+  _, params = illada_jax.load_checkpoint(tmp_path / 'ck')  # read back by Orbax/TensorStore
+  np.testing.assert_array_equal(np.asarray(params['layers']['attn']['o_proj'][1]).reshape(
+      -1, cfg.d_model).T, tensors['model.layers.1.self_attn.o_proj.weight'])
 
 
 def test_direct_shard_reads_refuse_a_corrupt_index(tmp_path):
@@ -366,13 +382,13 @@ def test_direct_shard_reads_refuse_a_corrupt_index(tmp_path):
   data = bytearray(shard.read_bytes())
   data[-10] ^= 1  # inside the index: its CRC-32C no longer matches
   shard.write_bytes(bytes(data))
-  raw = convert.RawZarr3.open(checkpoint.open_stored_arrays(tmp_path / 'ck')['layers/attn/q_proj'])
-  assert raw.read(0, convert.BufferPool()) is not None
-  assert raw.read(1, convert.BufferPool()) is None
+  raw = rawio.RawZarr3.open(checkpoint.open_stored_arrays(tmp_path / 'ck')['layers/attn/q_proj'])
+  assert raw.read(0, rawio.BufferPool()) is not None
+  assert raw.read(1, rawio.BufferPool()) is None
 
 
 def test_crc32c_check_value():
-  assert convert.crc32c(b'123456789') == 0xE3069283
+  assert rawio.crc32c(b'123456789') == 0xE3069283
 
 
 # -- bad input ------------------------------------------------------------------------

@@ -51,6 +51,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +84,24 @@ def raw_read(root: str) -> tuple[float, int]:
       while n := f.readinto(buf):
         total += n
   return time.perf_counter() - t, total
+
+
+def raw_read_direct(root: str) -> float:
+  """Seconds to read every file under `root` with O_DIRECT (the device, without the page cache)."""
+  evict(root)
+  raw = np.empty((64 << 20) + 4096, np.uint8)
+  start = -raw.ctypes.data % 4096
+  buf = raw[start:start + (64 << 20)]
+  t = time.perf_counter()
+  for path in _files(root):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+      offset = 0
+      while n := os.preadv(fd, [buf], offset):
+        offset += n
+    finally:
+      os.close(fd)
+  return time.perf_counter() - t
 
 
 def raw_copy(root: str, scratch: str) -> float:
@@ -145,10 +165,13 @@ def main(argv=None) -> int:
                                   ('orbax-to-hf', orbax, back, ['--shard-size', '5GB'])):
       read_s, nbytes = raw_read(src)
       copy_s = raw_copy(src, os.path.join(work, 'copy'))
+      direct_s = raw_read_direct(src) if hasattr(os, 'O_DIRECT') else float('nan')
       load0 = os.getloadavg()[0]
       wall, sync_s, rss, cpu = run(convert_cmd + [name, src, dst, '--quiet'] + extra, src)
       gb = nbytes / 1e9
       report(f'{name}: raw read of {gb:.2f} GB: {read_s:.1f}s ({gb / read_s:.2f} GB/s)  ratio 1.00')
+      report(f'{name}: raw read with O_DIRECT: {direct_s:.1f}s ({gb / direct_s:.2f} GB/s)  '
+             f'ratio {direct_s / read_s:.2f}x raw read')
       report(f'{name}: raw copy + sync: {copy_s:.1f}s ({gb / copy_s:.2f} GB/s)  '
              f'ratio {copy_s / read_s:.2f}x raw read')
       report(f'{name}: conversion wall time: {wall:.1f}s  ratio {wall / read_s:.2f}x raw read, '
