@@ -18,6 +18,8 @@ once more into or out of the cache. Here:
 from __future__ import annotations
 
 import concurrent.futures
+import errno
+import fcntl
 import math
 import os
 import sys
@@ -215,8 +217,23 @@ def _writer() -> concurrent.futures.ThreadPoolExecutor:
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
   view = memoryview(data)
   while view.nbytes:
-    n = os.pwrite(fd, view, offset)
+    try:
+      n = os.pwrite(fd, view, offset)
+    except OSError as e:
+      # Some filesystems accept O_DIRECT at open and refuse it on write.
+      if e.errno == errno.EINVAL and _drop_direct(fd):
+        continue
+      raise
     view, offset = view[n:], offset + n
+
+
+def _drop_direct(fd: int) -> bool:
+  """Clears O_DIRECT on `fd`; False if it was not set."""
+  flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+  if not flags & getattr(os, 'O_DIRECT', 0):
+    return False
+  fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+  return True
 
 
 def _crc32c_table() -> list[int]:

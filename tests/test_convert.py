@@ -264,6 +264,24 @@ def test_safetensors_writer_with_and_without_o_direct(tmp_path, monkeypatch, dir
     assert f.stat().st_size == max(e.offset + e.nbytes for e in entries.values())
 
 
+def test_direct_writer_falls_back_when_a_write_refuses_o_direct(tmp_path, monkeypatch):
+  import errno
+  import fcntl
+  pwrite = os.pwrite
+
+  def refuse_direct(fd, data, offset):
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, 'O_DIRECT', 0):
+      raise OSError(errno.EINVAL, 'Invalid argument')
+    return pwrite(fd, data, offset)
+
+  monkeypatch.setattr(os, 'pwrite', refuse_direct)
+  data = np.random.default_rng(4).integers(0, 256, 3 * (1 << 16) + 5, np.uint8)
+  with rawio.DirectFile(str(tmp_path / 'f'), buffer_bytes=1 << 16) as f:
+    f.write(data[:100])
+    f.write(data[100:])
+  assert (tmp_path / 'f').read_bytes() == data.tobytes()
+
+
 def test_buffer_pool_hands_out_a_buffer_again_only_once_released():
   pool = rawio.BufferPool(per_size=2)
   shape = (1 << 19,)  # 1 MiB of int16
