@@ -286,7 +286,8 @@ class RawZarr3:
     kv, meta = spec.get('kvstore', {}), spec.get('metadata', {})
     little = {'name': 'bytes', 'configuration': {'endian': 'little'}}
     codecs = meta.get('codecs', [])
-    if (spec.get('driver') != 'zarr3' or kv.get('driver') != 'file' or len(codecs) != 1
+    if (sys.byteorder != 'little' or spec.get('driver') != 'zarr3' or kv.get('driver') != 'file'
+        or len(codecs) != 1
         or meta.get('chunk_key_encoding') not in (
             {'name': 'default'}, {'name': 'default', 'configuration': {'separator': '/'}})
         or meta.get('chunk_grid', {}).get('name') != 'regular'
