@@ -786,8 +786,9 @@ def _out_tensors(cfg: ModelConfig, arrays, tied_head: bool) -> list[OutTensor]:
 class _ReadAhead:
   """Reads `arrays[key][index]`; after a read listed in `order`, starts the next one.
 
-  Overlaps TensorStore's read of the next layer tensor with writing this one,
-  holding at most one tensor extra.
+  Overlaps reading the next layer tensor (directly from the shard files, or
+  through TensorStore for layouts `rawio.RawZarr3` does not take) with
+  transposing and writing this one, holding at most one tensor extra.
   """
 
   def __init__(self, arrays, order: list[tuple[str, int]]):
