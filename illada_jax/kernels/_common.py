@@ -14,8 +14,12 @@ mask, -1 beyond S (tile padding). Queries are never masked.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 f32 = jnp.float32
 
@@ -115,6 +119,64 @@ def probs_and_dscores_t(q, k, v, do, code_S1, m_1R, inv_l_1R, delta_1R, scale: f
   dp_t = dot(v, do, NT)
   ds_t = jnp.where(code_S1 > 0, p_t * (dp_t - delta_1R), 0.0)
   return p_t, ds_t
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Static tiling of one flash call (rows = query positions x G)."""
+  br: int  # query rows per forward tile (block_q * G)
+  bk: int  # keys per forward tile
+  br_bwd: int
+  bk_bwd: int
+  scale: float
+  interpret: bool
+
+
+def flash_vjp(forward, backward_kv, backward_q):
+  """Flash attention on the rows layout as a custom_vjp from three kernel launchers.
+
+  `forward(q, k, v, code, t) -> (o, m, l)` with the running max `m` and sum `l`
+  per row in whatever shape the backend stores statistics; the backward
+  launchers take `(q, k, v, code, do, m, inv_l, delta, t)` with `delta` (the
+  row sums of o * do) in that same shape. Residuals are O(L): no scores.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+  def flash(q, k, v, code, t: Tiles):
+    return forward(q, k, v, code, t)[0]
+
+  def flash_fwd(q, k, v, code, t):
+    o, m, l = forward(q, k, v, code, t)
+    return o, (q, k, v, code, o, m, l)
+
+  def flash_bwd(t, res, do):
+    q, k, v, code, o, m, l = res
+    delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=-1).reshape(m.shape)
+    inv_l = 1.0 / l
+    dk, dv = backward_kv(q, k, v, code, do, m, inv_l, delta, t)
+    dq = backward_q(q, k, v, code, do, m, inv_l, delta, t)
+    return dq, dk, dv, None
+
+  flash.defvjp(flash_fwd, flash_bwd)
+  return flash
+
+
+def attend_rows(flash, q_BLHD, k_BSKD, v_BSKD, kv_mask_BS, lp: int, sp: int, t: Tiles):
+  """Runs `flash` (from `flash_vjp`) on [B, L, H, Dh] inputs padded to lp / sp."""
+  b, l, h, _ = q_BLHD.shape
+  s, kv = k_BSKD.shape[1], k_BSKD.shape[2]
+  q_BKRD = to_rows(q_BLHD, kv, lp)
+  k_BKSD, v_BKSD = to_kv(k_BSKD, sp), to_kv(v_BSKD.astype(k_BSKD.dtype), sp)
+  o_BKRD = flash(q_BKRD, k_BKSD, v_BKSD, key_codes(kv_mask_BS, b, s, sp), t)
+  return from_rows(o_BKRD, l, h)
+
+
+def cost_estimate(q_BKRD, k_BKSD, rows_tile: int, *, backward: bool) -> pl.CostEstimate:
+  """`pl.CostEstimate` of one pass over the rows layout, K/V streamed per query tile."""
+  b, kv, r, dh = q_BKRD.shape
+  flops, trans, nbytes = cost(b, 1, kv, r, k_BKSD.shape[2], dh, q_BKRD.dtype.itemsize,
+                              kv_passes=r // rows_tile, backward=backward)
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(nbytes))
 
 
 def cost(b, h, kv, l, s, dh, itemsize, *, kv_passes: int, backward: bool):

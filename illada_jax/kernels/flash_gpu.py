@@ -10,9 +10,6 @@ tiles: G, `block_q`, `block_k` and Dh must be powers of two.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -32,16 +29,6 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tiles:
-  br: int
-  bk: int
-  br_bwd: int
-  bk_bwd: int
-  scale: float
-  interpret: bool
-
-
 def _pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
@@ -50,7 +37,7 @@ def flash_attention_gpu(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None, *, block_q: int
                         block_k: int = BLOCK_K, block_q_bwd: int = BLOCK_Q_BWD,
                         block_k_bwd: int = BLOCK_K_BWD, interpret: bool = False):
   """Bidirectional GQA attention; shapes and dtypes as `attention.xla_attention`."""
-  b, l, h, dh = q_BLHD.shape
+  _, l, h, dh = q_BLHD.shape
   s, kv = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kv
   for name, n in (('G', g), ('Dh', dh), ('block_q', block_q), ('block_k', block_k),
@@ -64,34 +51,8 @@ def flash_attention_gpu(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None, *, block_q: int
     lp = bq = bqb = max(16, pl.next_power_of_2(l))
   if sp <= min(block_k, block_k_bwd):
     sp = bk = bkb = max(16, pl.next_power_of_2(s))
-  tiles = _Tiles(bq * g, bk, bqb * g, bkb, dh ** -0.5, interpret)
-  q_BKRD = C.to_rows(q_BLHD, kv, lp)
-  k_BKSD, v_BKSD = C.to_kv(k_BSKD, sp), C.to_kv(v_BSKD.astype(k_BSKD.dtype), sp)
-  code_BS = C.key_codes(kv_mask_BS, b, s, sp)
-  o_BKRD = _flash(q_BKRD, k_BKSD, v_BKSD, code_BS, tiles)
-  return C.from_rows(o_BKRD, l, h)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, code, t: _Tiles):
-  return _forward(q, k, v, code, t)[0]
-
-
-def _flash_fwd(q, k, v, code, t):
-  o, m, l = _forward(q, k, v, code, t)
-  return o, (q, k, v, code, o, m, l)
-
-
-def _flash_bwd(t, res, do):
-  q, k, v, code, o, m, l = res
-  delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=-1)
-  inv_l = 1.0 / l
-  dk, dv = _backward_kv(q, k, v, code, do, m, inv_l, delta, t)
-  dq = _backward_q(q, k, v, code, do, m, inv_l, delta, t)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+  tiles = C.Tiles(bq * g, bk, bqb * g, bkb, dh ** -0.5, interpret)
+  return C.attend_rows(_flash, q_BLHD, k_BSKD, v_BSKD, kv_mask_BS, lp, sp, tiles)
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cost, t, name):
@@ -101,14 +62,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cost, t, name):
       cost_estimate=cost, interpret=t.interpret, name=name)
 
 
-def _cost(q, k, rows_tile, *, backward):
-  b, kv, r, dh = q.shape
-  flops, trans, nbytes = C.cost(b, 1, kv, r, k.shape[2], dh, q.dtype.itemsize,
-                                kv_passes=r // rows_tile, backward=backward)
-  return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(nbytes))
-
-
-def _forward(q, k, v, code, t: _Tiles):
+def _forward(q, k, v, code, t: C.Tiles):
   b, kv, r, dh = q.shape
   sp = k.shape[2]
   br, bk = t.br, t.bk
@@ -140,10 +94,10 @@ def _forward(q, k, v, code, t: _Tiles):
   stat_shape = jax.ShapeDtypeStruct((b, kv, r), f32)
   return _call(kernel, (r // br, b, kv), [row, keys, keys, codes], [row, stat, stat],
                [jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape, stat_shape],
-               _cost(q, k, br, backward=False), t, 'illada_flash_fwd_gpu')(q, k, v, code)
+               C.cost_estimate(q, k, br, backward=False), t, 'illada_flash_fwd_gpu')(q, k, v, code)
 
 
-def _backward_kv(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
+def _backward_kv(q, k, v, code, do, m, inv_l, delta, t: C.Tiles):
   b, kv, r, dh = q.shape
   sp = k.shape[2]
   br, bk = t.br_bwd, t.bk_bwd
@@ -174,11 +128,11 @@ def _backward_kv(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
   return _call(kernel, (sp // bk, b, kv), [rows, key, key, cod, rows, stats, stats, stats],
                [key, key], [jax.ShapeDtypeStruct(k.shape, k.dtype),
                             jax.ShapeDtypeStruct(v.shape, v.dtype)],
-               _cost(q, k, br, backward=True), t, 'illada_flash_dkv_gpu')(
+               C.cost_estimate(q, k, br, backward=True), t, 'illada_flash_dkv_gpu')(
                    q, k, v, code, do, m, inv_l, delta)
 
 
-def _backward_q(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
+def _backward_q(q, k, v, code, do, m, inv_l, delta, t: C.Tiles):
   b, kv, r, dh = q.shape
   sp = k.shape[2]
   br, bk = t.br_bwd, t.bk_bwd
@@ -202,5 +156,8 @@ def _backward_q(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
   keys = pl.BlockSpec((None, None, sp, dh), lambda i, b_, h_: (b_, h_, 0, 0))
   codes = pl.BlockSpec((None, sp), lambda i, b_, h_: (b_, 0))
   return _call(kernel, (r // br, b, kv), [row, keys, keys, codes, row, stat, stat, stat], row,
-               jax.ShapeDtypeStruct(q.shape, q.dtype), _cost(q, k, br, backward=True), t,
+               jax.ShapeDtypeStruct(q.shape, q.dtype), C.cost_estimate(q, k, br, backward=True), t,
                'illada_flash_dq_gpu')(q, k, v, code, do, m, inv_l, delta)
+
+
+_flash = C.flash_vjp(_forward, _backward_kv, _backward_q)

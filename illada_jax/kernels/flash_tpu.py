@@ -17,7 +17,6 @@ On a non-TPU backend pass `interpret=True` (the CPU tests do).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -37,16 +36,6 @@ BLOCK_Q_BWD = 256
 BLOCK_K_BWD = 512
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tiles:
-  br: int  # query rows per forward tile (block_q * G)
-  bk: int
-  br_bwd: int
-  bk_bwd: int
-  scale: float
-  interpret: bool
-
-
 def flash_attention_tpu(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None, *, block_q: int = BLOCK_Q,
                         block_k: int = BLOCK_K, block_q_bwd: int = BLOCK_Q_BWD,
                         block_k_bwd: int = BLOCK_K_BWD, interpret: bool = False):
@@ -56,40 +45,11 @@ def flash_attention_tpu(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None, *, block_q: int
   or None. Returns [B, L, H, Dh] in q's dtype. Block sizes are clamped to the
   (8-rounded) sequence lengths; L and S are zero-padded to a tile multiple.
   """
-  b, l, h, dh = q_BLHD.shape
-  s, kv = k_BSKD.shape[1], k_BSKD.shape[2]
-  g = h // kv
-  lp, bq, bqb = C.tiles(l, block_q, block_q_bwd)
-  sp, bk, bkb = C.tiles(s, block_k, block_k_bwd)
-  tiles = _Tiles(bq * g, bk, bqb * g, bkb, dh ** -0.5, interpret)
-  q_BKRD = C.to_rows(q_BLHD, kv, lp)
-  k_BKSD, v_BKSD = C.to_kv(k_BSKD, sp), C.to_kv(v_BSKD.astype(k_BSKD.dtype), sp)
-  code_BS = C.key_codes(kv_mask_BS, b, s, sp)
-  o_BKRD = _flash(q_BKRD, k_BKSD, v_BKSD, code_BS, tiles)
-  return C.from_rows(o_BKRD, l, h)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, code, t: _Tiles):
-  return _forward(q, k, v, code, t)[0]
-
-
-def _flash_fwd(q, k, v, code, t):
-  o, m, l = _forward(q, k, v, code, t)
-  return o, (q, k, v, code, o, m, l)
-
-
-def _flash_bwd(t, res, do):
-  q, k, v, code, o, m, l = res
-  delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=-1)[:, :, None, :]
-  inv_l = 1.0 / l
-  code_BS1 = code[:, :, None]
-  dk, dv = _backward_kv(q, k, v, code_BS1, do, m, inv_l, delta, t)
-  dq = _backward_q(q, k, v, code_BS1, do, m, inv_l, delta, t)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+  g = q_BLHD.shape[2] // k_BSKD.shape[2]
+  lp, bq, bqb = C.tiles(q_BLHD.shape[1], block_q, block_q_bwd)
+  sp, bk, bkb = C.tiles(k_BSKD.shape[1], block_k, block_k_bwd)
+  tiles = C.Tiles(bq * g, bk, bqb * g, bkb, q_BLHD.shape[3] ** -0.5, interpret)
+  return C.attend_rows(_flash, q_BLHD, k_BSKD, v_BSKD, kv_mask_BS, lp, sp, tiles)
 
 
 def _params(sem):
@@ -97,13 +57,6 @@ def _params(sem):
 
 
 _PAR, _ARB = pltpu.PARALLEL, pltpu.ARBITRARY
-
-
-def _cost(q, k, t_rows_tile, *, backward):
-  b, kv, r, dh = q.shape
-  flops, trans, nbytes = C.cost(b, 1, kv, r, k.shape[2], dh, q.dtype.itemsize,
-                                kv_passes=r // t_rows_tile, backward=backward)
-  return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(nbytes))
 
 
 # -- forward -------------------------------------------------------------------
@@ -150,7 +103,7 @@ def _store_as_row(col_ref, row_ref):
     row_ref[:, pl.ds(i * c, c)] = jnp.sum(jnp.where(eye, col, 0.0), axis=0, keepdims=True)
 
 
-def _forward(q, k, v, code, t: _Tiles):
+def _forward(q, k, v, code, t: C.Tiles):
   b, kv, r, dh = q.shape
   sp = k.shape[2]
   br, bk = t.br, t.bk
@@ -168,7 +121,7 @@ def _forward(q, k, v, code, t: _Tiles):
       scratch_shapes=[pltpu.VMEM((br, 1), f32), pltpu.VMEM((br, 1), f32),
                       pltpu.VMEM((br, dh), f32)],
       compiler_params=_params((_PAR, _PAR, _PAR, _ARB)),
-      cost_estimate=_cost(q, k, br, backward=False),
+      cost_estimate=C.cost_estimate(q, k, br, backward=False),
       interpret=t.interpret,
       name='illada_flash_fwd',
   )(q, k, v, code[:, None, :])
@@ -198,7 +151,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, code_ref, do_ref, m_ref, il_ref, d_ref, dk_
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _backward_kv(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
+def _backward_kv(q, k, v, code, do, m, inv_l, delta, t: C.Tiles):
   b, kv, r, dh = q.shape
   sp = k.shape[2]
   br, bk = t.br_bwd, t.bk_bwd
@@ -214,10 +167,10 @@ def _backward_kv(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_shapes=[pltpu.VMEM((bk, dh), f32), pltpu.VMEM((bk, dh), f32)],
       compiler_params=_params((_PAR, _PAR, _PAR, _ARB)),
-      cost_estimate=_cost(q, k, br, backward=True),
+      cost_estimate=C.cost_estimate(q, k, br, backward=True),
       interpret=t.interpret,
       name='illada_flash_dkv',
-  )(q, k, v, code, do, m, inv_l, delta)
+  )(q, k, v, code[:, :, None], do, m, inv_l, delta)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, code_ref, do_ref, m_ref, il_ref, d_ref, dq_ref, dq_sc, *,
@@ -238,7 +191,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, code_ref, do_ref, m_ref, il_ref, d_ref, dq_r
     dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _backward_q(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
+def _backward_q(q, k, v, code, do, m, inv_l, delta, t: C.Tiles):
   b, kv, r, dh = q.shape
   sp = k.shape[2]
   br, bk = t.br_bwd, t.bk_bwd
@@ -254,7 +207,10 @@ def _backward_q(q, k, v, code, do, m, inv_l, delta, t: _Tiles):
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((br, dh), f32)],
       compiler_params=_params((_PAR, _PAR, _PAR, _ARB)),
-      cost_estimate=_cost(q, k, br, backward=True),
+      cost_estimate=C.cost_estimate(q, k, br, backward=True),
       interpret=t.interpret,
       name='illada_flash_dq',
-  )(q, k, v, code, do, m, inv_l, delta)
+  )(q, k, v, code[:, :, None], do, m, inv_l, delta)
+
+
+_flash = C.flash_vjp(_forward, _backward_kv, _backward_q)
