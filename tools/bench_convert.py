@@ -35,6 +35,13 @@ noisy, CPU time = user+sys of the converter process):
     orbax-to-hf  raw read 25.0 / 21.9 s (O_DIRECT 5.9 / 5.1 s), conversion
                  15.9 / 17.3 s (0.64x / 0.79x), CPU 14.1 / 16.0 s, RSS 0.92 GiB
 
+  5b76a2f on a fresh machine of the same kind, slower (CPU time 2.2x,
+  O_DIRECT read 1.8x the 11-24 figures):
+    hf-to-orbax  raw read 26.9 s (O_DIRECT 9.7 s), conversion 47.6 s (1.77x),
+                 CPU 34.5 s, RSS 1.36 GiB
+    orbax-to-hf  raw read 30.6 s (O_DIRECT 10.4 s), conversion 41.2 s (1.35x),
+                 CPU 33.3 s, RSS 0.96 GiB
+
 The buffered raw read is the noisiest figure on this VM (9-26 s across
 sessions); against its fastest value the conversions are 1.5-1.9x.
 """
