@@ -151,20 +151,31 @@ class DirectFile:
     self.size += len(data)
 
   def write_array(self, a: np.ndarray) -> None:
-    """Appends `a`'s bytes in C order; a strided `a` is copied once, into the staging buffer."""
+    """Appends `a`'s bytes in C order; a strided `a` is copied once, into the staging buffer.
+
+    Strided arrays go in as slabs of whole leading rows, as many as the
+    buffer has room for; a row that straddles the buffer's end is written
+    the same way one dimension down.
+    """
     if a.flags.c_contiguous:
       self.write(a.reshape(-1).view(np.uint8))
       return
-    if a.nbytes > len(self.buf) - self.fill:
-      staged = POOL.empty(a.shape, a.dtype)
-      staged[...] = a
-      self.write(staged.reshape(-1).view(np.uint8))
-      return
-    self.buf[self.fill:self.fill + a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
-    self.fill += a.nbytes
-    self.size += a.nbytes
-    if self.fill == len(self.buf):
-      self._flush(self.fill)
+    row_nbytes = a.nbytes // a.shape[0] if a.shape[0] else 0
+    i = 0
+    while i < a.shape[0]:
+      n = min(a.shape[0] - i, (len(self.buf) - self.fill) // row_nbytes)
+      if n == 0:
+        self.write_array(a[i, ...])
+        i += 1
+        continue
+      nbytes = n * row_nbytes
+      self.buf[self.fill:self.fill + nbytes].view(a.dtype).reshape((n,) + a.shape[1:])[...] = (
+          a[i:i + n])
+      self.fill += nbytes
+      self.size += nbytes
+      i += n
+      if self.fill == len(self.buf):
+        self._flush(self.fill)
 
   def _flush(self, nbytes: int) -> None:
     """Starts writing `buf[:nbytes]` and switches to the other buffer once that one is free."""

@@ -282,6 +282,27 @@ def test_direct_writer_falls_back_when_a_write_refuses_o_direct(tmp_path, monkey
   assert (tmp_path / 'f').read_bytes() == data.tobytes()
 
 
+@pytest.mark.parametrize('direct', [True, False])
+def test_direct_writer_stores_strided_arrays_in_c_order(tmp_path, monkeypatch, direct):
+  """Strided slabs larger than the buffer, straddling its end, at odd byte offsets."""
+  if not direct:
+    monkeypatch.delattr(os, 'O_DIRECT', raising=False)
+  rng = np.random.default_rng(5)
+  big = rng.standard_normal((70, 300, 6)).astype(np.float32)
+  parts = [big[:, 7:250, 1:5],  # 3-D, rows of 3.9 KB: 283 KB across 64 KiB buffers
+           big[5, ::3, 2],  # 1-D, stride 72 B
+           big[:, 0, :3].astype(np.float16)[:, ::-1],  # negative stride
+           big[3:4, :, 0:1].T,  # Fortran order, one column
+           big[:0, :, 1:2]]  # empty
+  with rawio.DirectFile(str(tmp_path / 'f'), buffer_bytes=1 << 16) as f:
+    f.write(b'abc')  # everything after it sits at an odd offset
+    for p in parts:
+      assert not p.flags.c_contiguous or p.size == 0
+      f.write_array(p)
+  want = b'abc' + b''.join(np.ascontiguousarray(p).tobytes() for p in parts)
+  assert (tmp_path / 'f').read_bytes() == want
+
+
 def test_buffer_pool_hands_out_a_buffer_again_only_once_released():
   pool = rawio.BufferPool(per_size=2)
   shape = (1 << 19,)  # 1 MiB of int16
