@@ -144,11 +144,8 @@ class DirectFile:
     while done < len(data):
       n = min(len(data) - done, len(self.buf) - self.fill)
       self.buf[self.fill:self.fill + n] = data[done:done + n]
-      self.fill += n
+      self._filled(n)
       done += n
-      if self.fill == len(self.buf):
-        self._flush(self.fill)
-    self.size += len(data)
 
   def write_array(self, a: np.ndarray) -> None:
     """Appends `a`'s bytes in C order; a strided `a` is copied once, into the staging buffer.
@@ -171,11 +168,15 @@ class DirectFile:
       nbytes = n * row_nbytes
       self.buf[self.fill:self.fill + nbytes].view(a.dtype).reshape((n,) + a.shape[1:])[...] = (
           a[i:i + n])
-      self.fill += nbytes
-      self.size += nbytes
+      self._filled(nbytes)
       i += n
-      if self.fill == len(self.buf):
-        self._flush(self.fill)
+
+  def _filled(self, nbytes: int) -> None:
+    """Counts `nbytes` just copied into `buf` at `fill`; a full buffer starts its write."""
+    self.fill += nbytes
+    self.size += nbytes
+    if self.fill == len(self.buf):
+      self._flush(self.fill)
 
   def _flush(self, nbytes: int) -> None:
     """Starts writing `buf[:nbytes]` and switches to the other buffer once that one is free."""
