@@ -201,7 +201,7 @@ def test_sharded_equals_single_device():
   sharded = jax.device_put(params, illada_jax.param_shardings(cfg, mesh))
   prompt, mask = padded_prompts(cfg, b=4, p=8)
   kw = dict(gen_length=8, block_length=4, steps=4, cfg_scale=1.0)
-  # The mesh sums matmul partials in another order (logits differ by ~1e-5), so
+  # The mesh sums matmul partials in another order (logits differ by ~4e-5), so
   # token equality is a fair check only if no decision is that close to a tie.
   margins = []
   reference_sample(cfg, params, prompt, mask, margins=margins, **kw)

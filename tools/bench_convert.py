@@ -42,7 +42,7 @@ noisy, CPU time = user+sys of the converter process):
     orbax-to-hf  raw read 30.6 s (O_DIRECT 10.4 s), conversion 41.2 s (1.35x),
                  CPU 33.3 s, RSS 0.96 GiB
 
-The buffered raw read is the noisiest figure on this VM (9-26 s across
+The buffered raw read is the noisiest figure on this VM (9-31 s across
 sessions); against its fastest value the conversions are 1.5-1.9x.
 """
 
