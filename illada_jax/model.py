@@ -239,7 +239,8 @@ class Transformer(nn.Module):
       positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     return self._trunk(tokens_BL, attention_mask_BL, positions_BL, None, 0)[0]
 
-  def hidden_cached(self, tokens_BW, cache: KVCache, attention_mask_BS=None, start=0):
+  def hidden_cached(self, tokens_BW, cache: KVCache, attention_mask_BS=None, start=0,
+                    positions_BW=None):
     """Hidden states of the window `[start, start + W)` of a cached canvas of `S` positions.
 
     Args:
@@ -249,14 +250,17 @@ class Transformer(nn.Module):
         recomputed, the others are used as they are (stale if their tokens
         changed since they were computed: the cache is approximate).
       attention_mask_BS: `[B, S]` key mask over the whole canvas, or None.
-      start: int, static or traced.
+      start: int, static or traced: the window's first cache slot.
+      positions_BW: int `[B, W]` RoPE positions of the window (default
+        `start + 0..W-1`); the sampler's rotated canvas passes its own.
     Returns:
       final-normed hidden `[B, W, D]` (compute dtype) and the updated cache.
       From `KVCache.zeros` with `start=0` and `W = S`, this is `hidden` of
       the canvas plus a fresh cache.
     """
     b, w = tokens_BW.shape
-    positions_BW = jnp.broadcast_to(start + jnp.arange(w, dtype=jnp.int32), (b, w))
+    if positions_BW is None:
+      positions_BW = jnp.broadcast_to(start + jnp.arange(w, dtype=jnp.int32), (b, w))
     return self._trunk(tokens_BW, attention_mask_BS, positions_BW, cache, start)
 
   def _trunk(self, tokens_BL, attention_mask, positions_BL, cache, cache_start):

@@ -1,26 +1,35 @@
-"""Masked-diffusion sampling: the reverse process of SPEC §2, as one jitted program.
+"""Masked-diffusion sampling: the reverse process of SPEC §2.
 
-`generate` / `sample` run one of three loops over a static canvas
-`x = [prompt | MASK * gen_length]` (`B` rows, `L = P + G` positions):
+One block is the unit of work. `denoise_block` fills the current block of
+every active row of a `Canvas` (`B` rows of `L` positions):
 
-* fixed-step (the reference): one `lax.scan` over all `steps`; block `b`
-  covers `[P + b*W, P + (b+1)*W)`; step `i` of a block commits
+* fixed schedule: `steps_per_block` steps; step `i` commits
   `k_i = M // S + (i < M % S)` tokens per row, `M` the row's masked count at
-  the block's start.
-* variable length (`variable_length=True`): the same step under a
-  `while_loop`; block `b` becomes visible (key mask) only when it is appended,
-  each row stops at its own EOS/EOT or stop sequence, finished rows keep
-  their tokens and receive no more blocks. `steps` then counts steps per block.
-* fast (`threshold` and/or `cache`): per block a `while_loop`; with a
-  threshold every masked position with confidence >= tau is committed (at
-  least the most confident one); with `cache='prefix'|'dual'` the K/V of
-  positions outside the recomputed window come from the last full pass
-  (refreshed at each block start, or every `cache_refresh` steps).
+  the block's start;
+* confidence threshold (`threshold`): every masked position with confidence
+  >= tau is committed (at least the most confident one) until the block is
+  full (Fast-dLLM);
+* approximate KV cache (`cache='prefix'|'dual'`): the K/V of positions
+  outside the recomputed window come from the last full pass (at the block's
+  start, or every `cache_refresh` steps).
 
-Every model call computes the trunk on the whole canvas (or a cached window)
-but the LM head only on the `W` positions of the current block. Candidates
-are argmax (T = 0) or float32 Gumbel-max (T > 0); confidences are
-`softmax(logits)[x0]` or uniform; EOS/EOT ids come from the config.
+The current block always sits at the same columns `[P, P + W)` of the canvas:
+after each block every row is rotated left by `W` (`jnp.roll`), and every
+column carries its RoPE position and key-mask bit with it. Attention is fully
+bidirectional, so the order of the columns is immaterial. Static slices replace
+per-block dynamic ones, and rows that are at different blocks (the continuous
+batching engine, `illada_jax.engine`) share one program.
+
+`sample` / `generate` run all blocks of a batch as one jitted program (a
+`lax.scan` over blocks). With `variable_length`, block `b` becomes visible
+(key mask) only when it is appended and each row stops at its own EOS / EOT.
+The LM head runs only on the current block. Candidates are argmax (T = 0) or
+float32 Gumbel-max (T > 0); confidences are `softmax(logits)[x0]` or uniform.
+
+Random draws are keyed per row: step `i` of block `b` of a row with seed `s`
+uses `fold_in(fold_in(jax.random.key(s), b), i)`, so a row's result does not
+depend on the rows beside it (SPEC §2, per-request independence).
+`sample(seeds=...)` gives rows the seeds that the engine gives requests.
 """
 
 from __future__ import annotations
@@ -42,38 +51,65 @@ REMASKING = ('low_confidence', 'random')
 CACHE_MODES = (None, 'prefix', 'dual')
 
 
+def _option(default, doc: str):
+  return dataclasses.field(default=default, metadata={'help': doc})
+
+
 @dataclasses.dataclass(frozen=True)
-class SampleOptions:
-  """Static sampling settings (hashable: they select the compiled program)."""
-  gen_length: int
-  block_length: int
-  steps: int  # total steps; per block when variable_length
-  temperature: float = 0.
-  cfg_scale: float = 0.
-  remasking: str = 'low_confidence'
-  logits_eos_inf: bool = False  # EOS logit -> -inf before choosing candidates
-  confidence_eos_eot_inf: bool = False  # EOS/EOT candidates are committed last
-  threshold: float | None = None  # confidence-threshold parallel decoding
-  cache: str | None = None  # approximate block KV cache: None, 'prefix' or 'dual'
-  cache_refresh: int = 0  # full pass every this many steps of a block (0: block start only)
-  variable_length: bool = False
-  stop_ids: tuple[tuple[int, ...], ...] = ()  # token-id stop sequences (variable length)
+class SamplingOptions:
+  """Every sampling setting, shared by `sample`, the engine, both CLIs and lm-eval.
+
+  Hashable: it selects the compiled program. `block_length` and `steps`
+  default at construction (to `gen_length`, and to one token per step).
+  Raises ValueError naming the field for inconsistent settings.
+  """
+  gen_length: int = _option(128, 'tokens to generate (variable length: the upper limit)')
+  block_length: int | None = _option(None, 'block size (default: gen_length)')
+  steps: int | None = _option(
+      None, 'denoising steps in all; with variable_length, per block (default: one token per step)')
+  temperature: float = _option(0., 'Gumbel-max sampling temperature (0: argmax)')
+  cfg_scale: float = _option(0., 'classifier-free guidance scale w: u + (w + 1) (c - u)')
+  remasking: str = _option('low_confidence', f'commit order: one of {REMASKING}')
+  logits_eos_inf: bool = _option(False, 'EOS logit -> -inf before choosing candidates')
+  confidence_eos_eot_inf: bool = _option(False, 'EOS/EOT candidates are committed last')
+  threshold: float | None = _option(None, 'confidence-threshold parallel decoding (Fast-dLLM tau)')
+  cache: str | None = _option(None, "approximate block KV cache: 'prefix' or 'dual'")
+  cache_refresh: int = _option(0, 'full pass every this many steps of a block (0: block start)')
+  variable_length: bool = _option(
+      False, 'append one block at a time until EOS/EOT, a stop string or the limit')
+  vocab_limit: int | None = _option(
+      None, "ids >= this are never candidates (the tokenizer's size: padded embedding rows)")
 
   def __post_init__(self):
-    def need(ok, msg):
+    put = functools.partial(object.__setattr__, self)
+    if self.block_length is None:
+      put('block_length', self.gen_length)
+    if self.steps is None:
+      put('steps', self.block_length if self.variable_length else self.gen_length)
+    for name in ('gen_length', 'block_length', 'steps', 'cache_refresh'):
+      put(name, int(getattr(self, name)))
+    put('temperature', float(self.temperature))
+    put('cfg_scale', float(self.cfg_scale))
+    if self.threshold is not None:
+      put('threshold', float(self.threshold))
+
+    def need(ok, field, msg):
       if not ok:
-        raise ValueError(f'sampling: {msg}')
-    need(self.gen_length > 0 and self.block_length > 0 and self.steps > 0,
-         'gen_length, block_length and steps must be positive')
-    need(self.gen_length % self.block_length == 0,
-         f'gen_length={self.gen_length} is not a multiple of block_length={self.block_length}')
+        raise ValueError(f'SamplingOptions.{field}: {msg}')
+    need(self.gen_length > 0, 'gen_length', f'must be positive, got {self.gen_length}')
+    need(self.block_length > 0, 'block_length', f'must be positive, got {self.block_length}')
+    need(self.steps > 0, 'steps', f'must be positive, got {self.steps}')
+    need(self.gen_length % self.block_length == 0, 'gen_length',
+         f'{self.gen_length} is not a multiple of block_length={self.block_length}')
     if not self.variable_length:
-      need(self.steps % self.num_blocks == 0,
-           f'steps={self.steps} is not a multiple of the {self.num_blocks} blocks')
-    need(self.remasking in REMASKING, f'remasking={self.remasking!r} not in {REMASKING}')
-    need(self.cache in CACHE_MODES, f'cache={self.cache!r} not in {CACHE_MODES}')
-    need(self.temperature >= 0 and self.cfg_scale >= 0, 'temperature and cfg_scale must be >= 0')
-    need(self.cache_refresh >= 0, 'cache_refresh must be >= 0')
+      need(self.steps % self.num_blocks == 0, 'steps',
+           f'{self.steps} is not a multiple of the {self.num_blocks} blocks')
+    need(self.remasking in REMASKING, 'remasking', f'{self.remasking!r} not in {REMASKING}')
+    need(self.cache in CACHE_MODES, 'cache', f'{self.cache!r} not in {CACHE_MODES}')
+    need(self.temperature >= 0, 'temperature', f'must be >= 0, got {self.temperature}')
+    need(self.cfg_scale >= 0, 'cfg_scale', f'must be >= 0, got {self.cfg_scale}')
+    need(self.cache_refresh >= 0, 'cache_refresh', f'must be >= 0, got {self.cache_refresh}')
+    need(self.vocab_limit is None or self.vocab_limit > 0, 'vocab_limit', 'must be positive')
 
   @property
   def num_blocks(self) -> int:
@@ -84,8 +120,15 @@ class SampleOptions:
     return self.steps if self.variable_length else self.steps // self.num_blocks
 
   @property
-  def fast(self) -> bool:
-    return self.threshold is not None or self.cache is not None
+  def stochastic(self) -> bool:
+    return self.temperature > 0
+
+  def program_key(self) -> 'SamplingOptions':
+    """The options that select a compiled program: the temperature is data, only T > 0 is not."""
+    return dataclasses.replace(self, temperature=float(self.stochastic))
+
+  def replace(self, **changes) -> 'SamplingOptions':
+    return dataclasses.replace(self, **changes)
 
 
 @struct.dataclass
@@ -96,7 +139,7 @@ class SampleOutput:
   commit_step: int32 `[B, P + G]`, the denoising step (model call) that committed
                each position; -1 for the prompt and never-committed positions.
   nfe:         int32 scalar, model calls made.
-  done:        bool `[B]`, rows that stopped early on EOS/stop (variable length).
+  done:        bool `[B]`, rows that stopped early on EOS/EOT (variable length).
   """
   tokens: jax.Array
   commit_step: jax.Array
@@ -105,26 +148,40 @@ class SampleOutput:
 
 
 @struct.dataclass
-class _Carry:
-  x_BL: jax.Array  # canvas
-  step_BL: jax.Array  # commit step, -1 if not committed by the sampler
-  visible_BL: jax.Array  # key mask: real prompt tokens and appended blocks
-  done_B: jax.Array  # row finished (variable length)
-  m_B: jax.Array  # masked positions in the current block at its start
-  nfe: jax.Array  # model calls so far
+class Canvas:
+  """The sampler's state: `B` rows of `L` columns, the current block at `[P, P + W)`.
+
+  x_BL int32 tokens; pos_BL int32 RoPE positions; visible_BL bool key mask;
+  prompt_BL bool prompt columns (masked in the CFG unconditional pass);
+  step_BL int32 model call that committed each column (-1: never);
+  blk_B int32 block index per row; seed_B uint32 random seed per row (its
+  key is `jax.random.key(seed)`); temp_B float32 temperature per row; calls_B int32 model calls in which the row had masked
+  positions; nfe int32 scalar model calls.
+  """
+  x_BL: jax.Array
+  pos_BL: jax.Array
+  visible_BL: jax.Array
+  prompt_BL: jax.Array
+  step_BL: jax.Array
+  blk_B: jax.Array
+  seed_B: jax.Array
+  temp_B: jax.Array
+  calls_B: jax.Array
+  nfe: jax.Array
 
 
 # -- one denoising step, piece by piece -----------------------------------------
 
-def _model_inputs(cfg: ModelConfig, o: SampleOptions, x_BL, prompt_BL, visible_BL):
+def _model_inputs(cfg: ModelConfig, o: SamplingOptions, c: Canvas):
   """Conditional rows, followed by unconditional (prompt -> MASK) rows under CFG."""
   if o.cfg_scale > 0:
-    un_BL = jnp.where(prompt_BL, cfg.mask_token_id, x_BL)
-    return jnp.concatenate([x_BL, un_BL]), jnp.concatenate([visible_BL, visible_BL])
-  return x_BL, visible_BL
+    un_BL = jnp.where(c.prompt_BL, cfg.mask_token_id, c.x_BL)
+    two = lambda a, b: jnp.concatenate([a, b])
+    return two(c.x_BL, un_BL), two(c.visible_BL, c.visible_BL), two(c.pos_BL, c.pos_BL)
+  return c.x_BL, c.visible_BL, c.pos_BL
 
 
-def _guide(o: SampleOptions, logits_XWV):
+def _guide(o: SamplingOptions, logits_XWV):
   """`u + (w + 1) (c - u)` over the [cond; uncond] batch halves."""
   if o.cfg_scale > 0:
     c_BWV, u_BWV = jnp.split(logits_XWV, 2)
@@ -132,38 +189,52 @@ def _guide(o: SampleOptions, logits_XWV):
   return logits_XWV
 
 
-def window_logits(cfg: ModelConfig, params, o: SampleOptions, x_BL, prompt_BL, visible_BL,
-                  start, width: int):
-  """float32 `[B, W, V]` logits of positions `[start, start + W)`; head on W only."""
-  tokens_XL, visible_XL = _model_inputs(cfg, o, x_BL, prompt_BL, visible_BL)
+def block_logits(cfg: ModelConfig, params, o: SamplingOptions, c: Canvas, start: int,
+                 width: int):
+  """float32 `[B, W, V]` logits of columns `[start, start + W)`; trunk on all, head on W."""
+  tokens_XL, visible_XL, pos_XL = _model_inputs(cfg, o, c)
   model = Transformer(cfg)
-  h_XLD = model.apply({'params': params}, tokens_XL, visible_XL, method='hidden')
-  h_XWD = jax.lax.dynamic_slice_in_dim(h_XLD, start, width, axis=1)
-  return _guide(o, model.apply({'params': params}, h_XWD, method='logits'))
+  h_XLD = model.apply({'params': params}, tokens_XL, visible_XL, pos_XL, method='hidden')
+  return _guide(o, model.apply({'params': params}, h_XLD[:, start:start + width],
+                               method='logits'))
 
 
-def candidates(cfg: ModelConfig, o: SampleOptions, logits_BWV, key):
-  """Candidate tokens `x0` int32 `[B, W]`, confidences f32 `[B, W]`, EOS/EOT flags `[B, W]`."""
-  key_gumbel, key_random = jax.random.split(key)
+def candidates(cfg: ModelConfig, o: SamplingOptions, logits_BWV, key_B, temp_B):
+  """Candidate tokens `x0` int32 `[B, W]`, confidences f32 `[B, W]`, EOS/EOT flags `[B, W]`.
+
+  `key_B`: one PRNG key per row for this step; `temp_B`: float32 `[B]`
+  temperatures (used when `o.stochastic`). SPEC §2 items 4, 5 and 7.
+  """
   logits_BWV = logits_BWV.astype(f32)
+  v = logits_BWV.shape[-1]
+  if o.vocab_limit is not None and o.vocab_limit < v:
+    logits_BWV = jnp.where(jnp.arange(v) < o.vocab_limit, logits_BWV, -jnp.inf)
   if o.logits_eos_inf:
     logits_BWV = logits_BWV.at[..., cfg.eos_token_id].set(-jnp.inf)
-  if o.temperature > 0:
-    noise_BWV = jax.random.gumbel(key_gumbel, logits_BWV.shape, f32)
-    x0_BW = jnp.argmax(logits_BWV / o.temperature + noise_BWV, axis=-1).astype(jnp.int32)
+  keys_B2 = jax.vmap(jax.random.split)(key_B)
+  if o.stochastic:
+    noise_BWV = jax.vmap(lambda k: jax.random.gumbel(k, logits_BWV.shape[1:], f32))(keys_B2[:, 0])
+    t_B11 = jnp.where(temp_B > 0, temp_B, 1.).astype(f32)[:, None, None]
+    x0_BW = jnp.argmax(logits_BWV / t_B11 + noise_BWV, axis=-1).astype(jnp.int32)
   else:
     x0_BW = jnp.argmax(logits_BWV, axis=-1).astype(jnp.int32)
   if o.remasking == 'low_confidence':
     picked_BW = jnp.take_along_axis(logits_BWV, x0_BW[..., None], axis=-1)[..., 0]
     conf_BW = jnp.exp(picked_BW - jax.nn.logsumexp(logits_BWV, axis=-1))
   else:
-    conf_BW = jax.random.uniform(key_random, x0_BW.shape, f32)
+    conf_BW = jax.vmap(lambda k: jax.random.uniform(k, x0_BW.shape[1:], f32))(keys_B2[:, 1])
   is_end_BW = jnp.zeros(x0_BW.shape, bool)
   if o.confidence_eos_eot_inf:
-    for end_id in (cfg.eos_token_id, cfg.eot_token_id):
-      if end_id is not None:
-        is_end_BW |= x0_BW == end_id
+    is_end_BW = is_end(cfg, x0_BW)
   return x0_BW, conf_BW, is_end_BW
+
+
+def is_end(cfg: ModelConfig, x):
+  """bool, same shape: the token is EOS or EOT."""
+  out = x == cfg.eos_token_id
+  if cfg.eot_token_id is not None:
+    out |= x == cfg.eot_token_id
+  return out
 
 
 def commit_rank(conf_BW, eligible_BW, is_end_BW):
@@ -177,214 +248,204 @@ def commit_rank(conf_BW, eligible_BW, is_end_BW):
   return jnp.argsort(order_BW, axis=-1, stable=True)
 
 
-def _commit(c: _Carry, start, x0_BW, commit_BW, step) -> _Carry:
+def _commit(c: Canvas, start: int, x0_BW, commit_BW) -> Canvas:
   w = x0_BW.shape[1]
-  x_BW = jax.lax.dynamic_slice_in_dim(c.x_BL, start, w, axis=1)
-  s_BW = jax.lax.dynamic_slice_in_dim(c.step_BL, start, w, axis=1)
-  x_BL = jax.lax.dynamic_update_slice_in_dim(c.x_BL, jnp.where(commit_BW, x0_BW, x_BW), start, 1)
-  s_BL = jax.lax.dynamic_update_slice_in_dim(c.step_BL, jnp.where(commit_BW, step, s_BW), start, 1)
+  x_BW, s_BW = c.x_BL[:, start:start + w], c.step_BL[:, start:start + w]
+  x_BL = c.x_BL.at[:, start:start + w].set(jnp.where(commit_BW, x0_BW, x_BW))
+  s_BL = c.step_BL.at[:, start:start + w].set(jnp.where(commit_BW, c.nfe, s_BW))
   x_BL = sharding.constrain(x_BL, ('act_batch', 'act_length'))
   return c.replace(x_BL=x_BL, step_BL=s_BL)
 
 
-def _append_block(c: _Carry, start, width: int) -> _Carry:
-  """Makes `[start, start + W)` visible to the rows that are not done."""
-  pos_L = jnp.arange(c.x_BL.shape[1])
-  in_block_L = (pos_L >= start) & (pos_L < start + width)
-  return c.replace(visible_BL=c.visible_BL | (in_block_L[None] & ~c.done_B[:, None]))
+def roll(c: Canvas, shift: int) -> Canvas:
+  """Rotates every row left by `shift` columns (tokens with their positions and masks)."""
+  r = lambda a: jnp.roll(a, -shift, axis=1)
+  return c.replace(x_BL=r(c.x_BL), pos_BL=r(c.pos_BL), visible_BL=r(c.visible_BL),
+                   prompt_BL=r(c.prompt_BL), step_BL=r(c.step_BL))
 
 
-def stopped(cfg: ModelConfig, o: SampleOptions, x_BL, first: int, end):
-  """bool `[B]`: an EOS/EOT or a stop sequence lies inside `[first, end)`."""
-  pos_L = jnp.arange(x_BL.shape[1])
-  hit_BL = jnp.zeros(x_BL.shape, bool)
-  for end_id in (cfg.eos_token_id, cfg.eot_token_id):
-    if end_id is not None:
-      hit_BL |= (x_BL == end_id) & (pos_L < end)
-  for seq in o.stop_ids:
-    match_BL = pos_L + len(seq) <= end
-    for j, tok in enumerate(seq):
-      shifted_BL = jnp.pad(x_BL[:, j:], ((0, 0), (0, j)), constant_values=-1)
-      match_BL = match_BL & (shifted_BL == tok)
-    hit_BL |= match_BL
-  return jnp.any(hit_BL & (pos_L >= first), axis=-1)
+def denoise_block(cfg: ModelConfig, params, o: SamplingOptions, c: Canvas, active_B,
+                  start: int, window: int | None = None) -> Canvas:
+  """Fills columns `[start, start + W)` of the active rows (static `start`).
 
-
-# -- the loops ------------------------------------------------------------------
-
-def _init(cfg: ModelConfig, o: SampleOptions, prompt_BP, mask_BP):
-  b, p = prompt_BP.shape
-  g = o.gen_length
-  x_BL = jnp.concatenate([prompt_BP, jnp.full((b, g), cfg.mask_token_id, jnp.int32)], axis=1)
-  prompt_BL = jnp.broadcast_to(jnp.arange(p + g) < p, (b, p + g))
-  visible_BL = jnp.concatenate([mask_BP, jnp.full((b, g), not o.variable_length)], axis=1)
-  c = _Carry(x_BL=x_BL, step_BL=jnp.full((b, p + g), -1, jnp.int32), visible_BL=visible_BL,
-             done_B=jnp.zeros((b,), bool), m_B=jnp.zeros((b,), jnp.int32),
-             nfe=jnp.zeros((), jnp.int32))
-  return c, prompt_BL
-
-
-def _fixed_step(cfg, params, o: SampleOptions, p: int, prompt_BL, key, c: _Carry, s):
-  """Step `s` of the fixed schedule (SPEC §2 items 2-6)."""
+  `window` is the width recomputed between cache refreshes (`W` for the dual
+  cache, the current block plus its visible suffix for the prefix cache).
+  Inactive rows are computed but never change.
+  """
   S, W = o.steps_per_block, o.block_length
-  i = s % S
-  start = p + (s // S) * W
-  if o.variable_length:
-    c = _append_block(c, start, W)
-  x_BW = jax.lax.dynamic_slice_in_dim(c.x_BL, start, W, axis=1)
-  masked_BW = (x_BW == cfg.mask_token_id) & ~c.done_B[:, None]
-  m_B = jnp.where(i == 0, masked_BW.sum(-1, dtype=jnp.int32), c.m_B)
-  k_B = m_B // S + (i < m_B % S)
-  logits_BWV = window_logits(cfg, params, o, c.x_BL, prompt_BL, c.visible_BL, start, W)
-  x0_BW, conf_BW, is_end_BW = candidates(cfg, o, logits_BWV, jax.random.fold_in(key, s))
-  commit_BW = masked_BW & (commit_rank(conf_BW, masked_BW, is_end_BW) < k_B[:, None])
-  c = _commit(c, start, x0_BW, commit_BW, s).replace(m_B=m_B, nfe=s + 1)
-  if o.variable_length:
-    done_B = c.done_B | ((i == S - 1) & stopped(cfg, o, c.x_BL, p, start + W))
-    c = c.replace(done_B=done_B)
-  return c
-
-
-def _fast_block(cfg, params, o: SampleOptions, p: int, prompt_BL, key, c: _Carry, b):
-  """Denoises block `b` (static int with a prefix cache) under a while_loop."""
-  S, W = o.steps_per_block, o.block_length
-  l = c.x_BL.shape[1]
-  start = p + b * W
-  c = _append_block(c, start, W)
-  x_BW = jax.lax.dynamic_slice_in_dim(c.x_BL, start, W, axis=1)
-  m_B = ((x_BW == cfg.mask_token_id) & ~c.done_B[:, None]).sum(-1, dtype=jnp.int32)
-  c = c.replace(m_B=m_B)
-  rows = c.x_BL.shape[0] * (2 if o.cfg_scale > 0 else 1)
-  cache = KVCache.zeros(cfg, rows, l) if o.cache else ()
-  window = (l - start) if o.cache == 'prefix' else W
-  refresh_every = o.cache_refresh or W + 1
+  window = window or W
+  b, l = c.x_BL.shape
+  rows = b * (2 if o.cfg_scale > 0 else 1)
   model = Transformer(cfg)
+  apply = functools.partial(model.apply, {'params': params})
+  refresh_every = o.cache_refresh or max(S, W) + 1
 
   def masked(c):
-    x_BW = jax.lax.dynamic_slice_in_dim(c.x_BL, start, W, axis=1)
-    return (x_BW == cfg.mask_token_id) & ~c.done_B[:, None]
+    return (c.x_BL[:, start:start + W] == cfg.mask_token_id) & active_B[:, None]
+
+  m_B = masked(c).sum(-1, dtype=jnp.int32)
+
+  def full(c, cache):
+    tokens_XL, visible_XL, pos_XL = _model_inputs(cfg, o, c)
+    h_XLD, cache = apply(tokens_XL, KVCache.zeros(cfg, rows, l), visible_XL, 0, pos_XL,
+                         method='hidden_cached')
+    return _guide(o, apply(h_XLD[:, start:start + W], method='logits')), cache
+
+  def cached(c, cache):
+    tokens_XL, visible_XL, pos_XL = _model_inputs(cfg, o, c)
+    cut = lambda a: a[:, start:start + window]
+    h_XQD, _ = apply(cut(tokens_XL), cache, visible_XL, start, cut(pos_XL),
+                     method='hidden_cached')
+    return _guide(o, apply(h_XQD[:, :W], method='logits')), cache
 
   def cond(state):
     c, i, _ = state
     if o.threshold is None:
-      return (i < S) & jnp.any(~c.done_B)
+      return (i < S) & jnp.any(active_B)
     return jnp.any(masked(c)) & (i < W)
-
-  def full(c, cache):
-    tokens_XL, visible_XL = _model_inputs(cfg, o, c.x_BL, prompt_BL, c.visible_BL)
-    h_XLD, cache = model.apply({'params': params}, tokens_XL, KVCache.zeros(cfg, rows, l),
-                               visible_XL, method='hidden_cached')
-    h_XWD = jax.lax.dynamic_slice_in_dim(h_XLD, start, W, axis=1)
-    return _guide(o, model.apply({'params': params}, h_XWD, method='logits')), cache
-
-  def cached(c, cache):
-    tokens_XL, visible_XL = _model_inputs(cfg, o, c.x_BL, prompt_BL, c.visible_BL)
-    tokens_XQ = jax.lax.dynamic_slice_in_dim(tokens_XL, start, window, axis=1)
-    h_XQD, _ = model.apply({'params': params}, tokens_XQ, cache, visible_XL, start,
-                           method='hidden_cached')
-    return _guide(o, model.apply({'params': params}, h_XQD[:, :W], method='logits')), cache
 
   def body(state):
     c, i, cache = state
     if o.cache:
       logits_BWV, cache = jax.lax.cond(i % refresh_every == 0, full, cached, c, cache)
     else:
-      logits_BWV = window_logits(cfg, params, o, c.x_BL, prompt_BL, c.visible_BL, start, W)
-    x0_BW, conf_BW, is_end_BW = candidates(cfg, o, logits_BWV, jax.random.fold_in(key, c.nfe))
+      logits_BWV = block_logits(cfg, params, o, c, start, W)
+    key_B = jax.vmap(lambda seed, blk: jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), blk), i))(c.seed_B, c.blk_B)
+    x0_BW, conf_BW, is_end_BW = candidates(cfg, o, logits_BWV, key_B, c.temp_B)
     masked_BW = masked(c)
     rank_BW = commit_rank(conf_BW, masked_BW, is_end_BW)
     if o.threshold is None:
-      k_B = c.m_B // S + (i < c.m_B % S)
+      k_B = m_B // S + (i < m_B % S)
       commit_BW = masked_BW & (rank_BW < k_B[:, None])
     else:
       sure_BW = jnp.where(is_end_BW, -jnp.inf, conf_BW) >= o.threshold
       commit_BW = masked_BW & (sure_BW | (rank_BW == 0))
-    c = _commit(c, start, x0_BW, commit_BW, c.nfe).replace(nfe=c.nfe + 1)
+    c = _commit(c, start, x0_BW, commit_BW)
+    c = c.replace(nfe=c.nfe + 1, calls_B=c.calls_B + jnp.any(masked_BW, -1))
     return c, i + 1, cache
 
+  cache = KVCache.zeros(cfg, rows, l) if o.cache else ()
   c, _, _ = jax.lax.while_loop(cond, body, (c, jnp.zeros((), jnp.int32), cache))
-  if o.variable_length:
-    c = c.replace(done_B=c.done_B | stopped(cfg, o, c.x_BL, p, start + W))
   return c
 
 
+def reveal_block(c: Canvas, active_B, start: int, width: int) -> Canvas:
+  """Makes columns `[start, start + W)` of the active rows visible (variable length)."""
+  cols = c.visible_BL[:, start:start + width] | active_B[:, None]
+  return c.replace(visible_BL=c.visible_BL.at[:, start:start + width].set(cols))
+
+
+# -- a whole batch in one program -----------------------------------------------
+
+def new_canvas(cfg: ModelConfig, o: SamplingOptions, prompt_BP, mask_BP, seed_B, temp_B,
+               pos_BP=None) -> Canvas:
+  """`[prompt | MASK * G]`: generated columns visible unless variable length.
+
+  `pos_BP` defaults to `0..P-1` (left padding included, as the reference).
+  """
+  b, p = prompt_BP.shape
+  g = o.gen_length
+  l = p + g
+  if pos_BP is None:
+    pos_BP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  pos_BL = jnp.concatenate([pos_BP, pos_BP[:, -1:] + 1 + jnp.arange(g, dtype=jnp.int32)], 1)
+  return Canvas(
+      x_BL=jnp.concatenate([prompt_BP, jnp.full((b, g), cfg.mask_token_id, jnp.int32)], 1),
+      pos_BL=pos_BL,
+      visible_BL=jnp.concatenate([mask_BP, jnp.full((b, g), not o.variable_length)], 1),
+      prompt_BL=jnp.broadcast_to(jnp.arange(l) < p, (b, l)),
+      step_BL=jnp.full((b, l), -1, jnp.int32), blk_B=jnp.zeros((b,), jnp.int32),
+      seed_B=seed_B.astype(jnp.uint32), temp_B=temp_B.astype(f32), calls_B=jnp.zeros((b,), jnp.int32),
+      nfe=jnp.zeros((), jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _sample(cfg: ModelConfig, mesh, o: SampleOptions, params, prompt_BP, mask_BP, key):
+def _sample(cfg: ModelConfig, mesh, o: SamplingOptions, params, prompt_BP, mask_BP, seed_B,
+            temp_B):
   with sharding.activation_sharding(mesh):
     b, p = prompt_BP.shape
-    c, prompt_BL = _init(cfg, o, prompt_BP, mask_BP)
-    if not o.fast:
-      step = functools.partial(_fixed_step, cfg, params, o, p, prompt_BL, key)
-      total = o.steps_per_block * o.num_blocks
+    n, w = o.num_blocks, o.block_length
+    c = new_canvas(cfg, o, prompt_BP, mask_BP, seed_B, temp_B)
+
+    def block(state, window):
+      c, done_B = state
+      active_B = ~done_B
       if o.variable_length:
-        c = jax.lax.while_loop(lambda c: (c.nfe < total) & jnp.any(~c.done_B),
-                               lambda c: step(c, c.nfe), c)
-      else:
-        c, _ = jax.lax.scan(lambda c, s: (step(c, s), None), c, jnp.arange(total))
+        c = reveal_block(c, active_B, p, w)
+      c = denoise_block(cfg, params, o, c, active_B, p, window)
+      if o.variable_length:
+        done_B = done_B | (active_B & jnp.any(is_end(cfg, c.x_BL[:, p:p + w]), -1))
+      return roll(c, w).replace(blk_B=c.blk_B + 1), done_B
+
+    state = (c, jnp.zeros((b,), bool))
+    if o.cache == 'prefix':  # the recomputed window (block + suffix) shrinks: static per block
+      for blk in range(n):
+        state = block(state, (n - blk) * w)
     else:
-      block = functools.partial(_fast_block, cfg, params, o, p, prompt_BL, key)
-      if o.cache == 'prefix':  # the recomputed window [start, L) shrinks: static per block
-        for blk in range(o.num_blocks):
-          c = block(c, blk)
-      else:
-        c, _ = jax.lax.scan(lambda c, blk: (block(c, blk), None), c, jnp.arange(o.num_blocks))
+      state, _ = jax.lax.scan(lambda s, _: (block(s, w), None), state, None, length=n)
+    c, done_B = state
+    c = roll(c, -n * w)  # back to prompt-first order
     gen_L = jnp.arange(c.x_BL.shape[1]) >= p
     tokens_BL = jnp.where(gen_L & ~c.visible_BL, cfg.eos_token_id, c.x_BL)
-    return SampleOutput(tokens=tokens_BL, commit_step=c.step_BL, nfe=c.nfe, done=c.done_B)
+    return SampleOutput(tokens=tokens_BL, commit_step=c.step_BL, nfe=c.nfe, done=done_B)
 
 
-def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None, *, gen_length: int,
-           block_length: int, steps: int, temperature: float = 0., cfg_scale: float = 0.,
-           remasking: str = 'low_confidence', logits_eos_inf: bool = False,
-           confidence_eos_eot_inf: bool = False, threshold: float | None = None,
-           cache: str | None = None, cache_refresh: int = 0, variable_length: bool = False,
-           stop_ids=(), key=None) -> SampleOutput:
-  """Runs the sampler selected by the arguments; see the module docstring.
+def resolve_options(options: SamplingOptions | None, overrides) -> SamplingOptions:
+  """`options` with keyword overrides, or `SamplingOptions(**overrides)`."""
+  if options is None:
+    return SamplingOptions(**overrides)
+  return dataclasses.replace(options, **overrides) if overrides else options
+
+
+def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None,
+           options: SamplingOptions | None = None, *, key=None, seeds=None,
+           **overrides) -> SampleOutput:
+  """Samples a batch of left-padded prompts as one jitted program (SPEC §2).
 
   Args:
     prompt_BP: int `[B, P]` prompt ids, left-padded.
     attention_mask_BP: `[B, P]` 1 for real prompt tokens (None: all real).
-    key: PRNG key for Gumbel noise and random remasking (default key 0).
+    options: `SamplingOptions`; keyword `overrides` (its field names) build or
+      amend it, e.g. `sample(cfg, params, ids, gen_length=64, steps=64)`.
+    key: PRNG key from which one uint32 seed per row is drawn (default key 0).
+    seeds: optional ints `[B]` (taken mod 2^32): row `r` uses
+      `jax.random.key(seeds[r])`, the key the engine gives a request with that seed.
   With `variable_length`, `steps` counts steps per appended block and
-  `gen_length` is capped at the model's `max_len` (whole blocks).
-  If `params` live on a mesh, the batch is split over its data/fsdp axes
-  (B must be divisible by their product) and weights stay where they are.
+  `gen_length` is capped at the model's `max_len` (whole blocks). If `params`
+  live on a mesh, the batch is split over its data/fsdp axes (B must be
+  divisible by their product) and weights stay where they are.
+  Raises ValueError if the canvas exceeds `cfg.max_len` or options are inconsistent.
   """
-  p = np.shape(prompt_BP)[1]
-  if variable_length:  # blocks are appended up to gen_length or the model's maximum length
-    gen_length = min(gen_length, (cfg.max_len - p) // block_length * block_length)
-  o = SampleOptions(
-      gen_length=gen_length, block_length=block_length, steps=steps,
-      temperature=float(temperature), cfg_scale=float(cfg_scale), remasking=remasking,
-      logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-      threshold=None if threshold is None else float(threshold), cache=cache,
-      cache_refresh=int(cache_refresh), variable_length=variable_length,
-      stop_ids=tuple(tuple(int(t) for t in s) for s in stop_ids))
+  o = resolve_options(options, overrides)
+  b, p = np.shape(prompt_BP)
+  if o.variable_length:  # blocks are appended up to gen_length or the model's maximum length
+    limit = min(o.gen_length, (cfg.max_len - p) // o.block_length * o.block_length)
+    if limit <= 0:
+      raise ValueError(f'sampling: a prompt of {p} tokens leaves no whole block of '
+                       f'{o.block_length} before max_len {cfg.max_len}')
+    o = o.replace(gen_length=limit)
+  if p + o.gen_length > cfg.max_len:
+    raise ValueError(f'sampling: prompt {p} + gen_length {o.gen_length} exceeds max_len '
+                     f'{cfg.max_len}')
   prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
   if attention_mask_BP is None:
     attention_mask_BP = jnp.ones(prompt_BP.shape, bool)
   attention_mask_BP = jnp.asarray(attention_mask_BP).astype(bool)
-  if p + gen_length > cfg.max_len:
-    raise ValueError(f'sampling: prompt {prompt_BP.shape[1]} + gen_length {gen_length} '
-                     f'exceeds max_len {cfg.max_len}')
-  key = jax.random.key(0) if key is None else key
+  if seeds is not None:
+    seed_B = jnp.asarray(np.asarray(seeds, np.int64) % 2 ** 32, jnp.uint32)
+  else:
+    seed_B = jax.random.bits(jax.random.key(0) if key is None else key, (b,), jnp.uint32)
+  temp_B = jnp.full((b,), o.temperature, f32)
   mesh = sharding.mesh_of(params)
   if mesh is not None:
     batch = jax.NamedSharding(mesh, sharding.logical_to_spec(('act_batch', None)))
     prompt_BP, attention_mask_BP = jax.device_put((prompt_BP, attention_mask_BP), batch)
-  return _sample(cfg, mesh, o, params, prompt_BP, attention_mask_BP, key)
+  return _sample(cfg, mesh, o.program_key(), params, prompt_BP, attention_mask_BP, seed_B, temp_B)
 
 
-def generate(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None, *, gen_length: int,
-             block_length: int, steps: int, temperature: float = 0., cfg_scale: float = 0.,
-             remasking: str = 'low_confidence', logits_eos_inf: bool = False,
-             confidence_eos_eot_inf: bool = False, key=None, **fast_options):
-  """Sampled ids int32 `[B, P + gen_length]`: `sample(...).tokens`.
-
-  `fast_options` are `sample`'s `threshold`, `cache`, `cache_refresh`,
-  `variable_length` and `stop_ids`.
-  """
-  return sample(cfg, params, prompt_BP, attention_mask_BP, gen_length=gen_length,
-                block_length=block_length, steps=steps, temperature=temperature,
-                cfg_scale=cfg_scale, remasking=remasking, logits_eos_inf=logits_eos_inf,
-                confidence_eos_eot_inf=confidence_eos_eot_inf, key=key, **fast_options).tokens
+def generate(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None,
+             options: SamplingOptions | None = None, *, key=None, seeds=None, **overrides):
+  """Sampled ids int32 `[B, P + gen_length]`: `sample(...).tokens`."""
+  return sample(cfg, params, prompt_BP, attention_mask_BP, options, key=key, seeds=seeds,
+                **overrides).tokens

@@ -57,7 +57,8 @@ def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, ste
   """SPEC §2 step by step in NumPy (float64), full-sequence logits from `forward`.
 
   Returns the canvas after every step `[steps, B, L]`. The random draws come
-  from the same `fold_in(key, step)` streams as the sampler, so
+  from the same per-row streams as the sampler (row seed `bits(key, B)[r]`,
+  step `i` of block `blk`: `fold_in(fold_in(key(seed), blk), i)`), so
   `remasking='random'` is comparable. If `margins` is a list, each decision's
   distance from a tie is appended to it: top-1 minus top-2 logit of every
   committed token, and (low-confidence remasking) the confidence of the last
@@ -87,7 +88,6 @@ def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, ste
         logits = np.asarray(illada_jax.forward(cfg, params, x, am), np.float64)
       if logits_eos_inf:
         logits[:, :, cfg.eos_token_id] = -np.inf
-      key_g, key_r = jax.random.split(jax.random.fold_in(key, s))
       assert temperature == 0
       x0 = logits.argmax(-1)
       if remasking == 'low_confidence':
@@ -95,7 +95,10 @@ def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, ste
         conf = np.take_along_axis(z / z.sum(-1, keepdims=True), x0[..., None], -1)[..., 0]
       else:
         conf = np.full((b, l), np.nan)
-        conf[:, lo:hi] = np.asarray(jax.random.uniform(key_r, (b, block_length)))
+        for r, seed in enumerate(jax.random.bits(key, (b,), jnp.uint32)):
+          step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), blk), i)
+          key_r = jax.random.split(step_key)[1]
+          conf[r, lo:hi] = np.asarray(jax.random.uniform(key_r, (block_length,)))
       for r in range(b):
         k = m[r] // s_per_block + (1 if i < m[r] % s_per_block else 0)
         cand = [j for j in range(hi) if masked[r, j]]  # after the block: -inf
@@ -241,16 +244,6 @@ def test_variable_length_chains_blocks_and_stops_per_row():
   second = sampling.generate(LLADA, params, toks[:, :p + w], np.pad(mask, ((0, 0), (0, w)),
                              constant_values=1), gen_length=w, block_length=w, steps=2)
   np.testing.assert_array_equal(toks[:, :p + 2 * w], np.asarray(second))
-  # Stop row 0 on a token sequence it generates in block 1; row 1 must not change.
-  stop = tuple(int(t) for t in toks[0, p + 1:p + 3])
-  assert stop not in {tuple(toks[1, j:j + 2]) for j in range(p, p + 3 * w - 1)}
-  cut = sampling.sample(LLADA, params, prompt, mask, gen_length=3 * w, block_length=w, steps=2,
-                        variable_length=True, stop_ids=[stop])
-  cut_toks = np.asarray(cut.tokens)
-  np.testing.assert_array_equal(np.asarray(cut.done), [True, False])
-  np.testing.assert_array_equal(cut_toks[0, :p + w], toks[0, :p + w])
-  assert np.all(cut_toks[0, p + w:] == LLADA.eos_token_id)
-  np.testing.assert_array_equal(cut_toks[1], toks[1])
   # EOS: a row stops at the end of the block in which its first EOS appears.
   eparams = make_params(LLADA, end_boost=1.)
   out = sampling.sample(LLADA, eparams, prompt, mask, gen_length=4 * w, block_length=w, steps=2,
@@ -322,11 +315,12 @@ def test_cache_once_per_block_and_threshold_parallel():
 
 
 def test_gumbel_candidates_follow_softmax_of_logits_over_temperature():
-  o = sampling.SampleOptions(gen_length=1, block_length=1, steps=1, temperature=0.7,
-                             logits_eos_inf=True)
+  o = sampling.SamplingOptions(gen_length=1, block_length=1, steps=1, temperature=0.7,
+                               logits_eos_inf=True)
   logits = jnp.asarray([[[1.0, 0.2, -0.5, 0.8, 2.0, 0.0] + [-30.] * 84]])  # EOS id 82 boosted below
   logits = logits.at[0, 0, LLADA.eos_token_id].set(5.)
-  draw = jax.jit(jax.vmap(lambda k: sampling.candidates(LLADA, o, logits, k)[0][0, 0]))
+  temp = jnp.full((1,), 0.7)
+  draw = jax.jit(jax.vmap(lambda k: sampling.candidates(LLADA, o, logits, k[None], temp)[0][0, 0]))
   x0 = np.asarray(draw(jax.random.split(jax.random.key(0), 20000)))
   want = np.asarray(jax.nn.softmax(logits[0, 0, :6] / 0.7))
   freq = np.bincount(x0, minlength=90)[:6] / x0.size
