@@ -1,0 +1,361 @@
+"""Continuous batching for masked-diffusion sampling: the engine behind jobs and lm-eval.
+
+A pool of `slots` rows shares one static canvas of `P + G` columns (`P` a
+prompt-length bucket, `G` the generation length of the settings group).
+Advancing every slot by one block is one jitted program (`block_program`):
+it writes newly admitted prompts into their slots, denoises each active
+slot's current block (`sampling.denoise_block`) and rotates the rows so that
+the next block comes to the same columns. Between programs the host only
+admits requests into free slots, checks stops (EOS/EOT, stop strings in the
+decoded text, max new tokens, the length limit) and hands finished requests
+out; a request leaves as soon as it is done, and a long one never holds the
+others back (SGLang's diffusion-LM scheduler releases early the same way).
+
+Programs are keyed by (settings group, bucket): settings that change the
+program (`SamplingOptions.program_key`) group requests; stop strings, max new
+tokens, seed and temperature are per-request data. Each slot keeps its own
+RoPE positions (`0..p-1` for its prompt), key mask and seed, so a request's
+tokens do not depend on its batch companions, its slot, or when it was
+admitted (SPEC §2, per-request independence).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from illada_jax import sampling, sharding
+from illada_jax.config import ModelConfig
+from illada_jax.sampling import SamplingOptions
+
+DEFAULT_SLOTS = 64
+
+
+def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+  """Powers of two from `smallest` up to (and including) `max_len`."""
+  out, b = [], smallest
+  while b < max_len:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (max_len,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One generation request.
+
+  prompt_ids: the prompt's token ids, as the model should see them (BOS and
+    chat template already applied).
+  options: the sampling settings; requests with equal `options.program_key()`
+    share programs.
+  stop: stop strings, matched on the decoded text after every block.
+  max_new_tokens: the completion is cut to this many tokens (None: the
+    generation length).
+  seed: the request's random stream (`jax.random.key(seed)`, mod 2^32).
+  """
+  id: Any
+  prompt_ids: tuple[int, ...]
+  options: SamplingOptions
+  stop: tuple[str, ...] = ()
+  max_new_tokens: int | None = None
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Completion:
+  """A finished request: `text` is cut at EOS/EOT, `max_new_tokens` and the first stop string.
+
+  finish_reason: 'eos' (EOS/EOT), 'stop' (a stop string), 'length' (max new
+  tokens or the generation limit). token_ids: the ids behind `text`.
+  generated: positions the sampler denoised for this request (whole blocks).
+  steps: model calls in which the request had masked positions.
+  """
+  id: Any
+  text: str
+  token_ids: list[int]
+  finish_reason: str
+  generated: int
+  steps: int
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """Counters since the engine was made (seconds are wall time)."""
+  compiles: int = 0
+  blocks: int = 0  # block programs run
+  requests: int = 0
+  output_tokens: int = 0  # tokens behind the returned texts
+  generated_tokens: int = 0  # positions denoised for finished requests
+  wait_seconds: float = 0.  # host blocked on the device
+  seconds: float = 0.  # wall time inside `generate`
+
+  @property
+  def host_share(self) -> float:
+    """Fraction of wall time the host spent outside device waits (dispatch, admission, stops)."""
+    return 1. - self.wait_seconds / self.seconds if self.seconds else 0.
+
+
+@dataclasses.dataclass
+class _Live:
+  request: Request
+  limit_blocks: int
+  tokens: list = dataclasses.field(default_factory=list)
+  steps: int = 0
+
+
+def _left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int):
+  ids = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for r, row in enumerate(rows):
+    if len(row):
+      ids[r, width - len(row):] = row
+      mask[r, width - len(row):] = True
+  return ids, mask
+
+
+def _block_program(cfg: ModelConfig, mesh, o: SamplingOptions, bucket: int, count: Callable,
+                   params, c: sampling.Canvas, admit_B, prompt_BP, mask_BP, seed_B, temp_B,
+                   active_B):
+  count()  # runs once per trace: the compile counter
+  with sharding.activation_sharding(mesh):
+    w = o.block_length
+    pad_B = bucket - mask_BP.sum(-1, dtype=jnp.int32)
+    pos_BP = jnp.arange(bucket, dtype=jnp.int32)[None] - pad_B[:, None]  # prompt starts at 0
+    fresh = sampling.new_canvas(cfg, o, prompt_BP, mask_BP, seed_B, temp_B, pos_BP)
+    pick = lambda new, old: (jnp.where(admit_B.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+                             if new.ndim else old)
+    c = jax.tree.map(pick, fresh, c)
+    if o.variable_length:
+      c = sampling.reveal_block(c, active_B, bucket, w)
+    c = sampling.denoise_block(cfg, params, o, c, active_B, bucket)
+    block_BW = c.x_BL[:, bucket:bucket + w]
+    return sampling.roll(c, w).replace(blk_B=c.blk_B + 1), block_BW, c.calls_B
+
+
+def block_program(cfg: ModelConfig, options: SamplingOptions, bucket: int, mesh=None,
+                  on_compile: Callable = lambda: None):
+  """The jitted program that advances every slot of a pool by one block.
+
+  `(params, canvas, admit_B, prompt_BP, mask_BP, seed_B, temp_B, active_B) ->
+  (canvas, block_BW, calls_B)`: rows with `admit_B` restart from the
+  left-padded prompt `prompt_BP` / `mask_BP` (`P = bucket`) with their seed
+  and temperature; then the current block of every `active_B` row is
+  denoised and returned (int32 `[B, W]`), and the canvas (donated) is
+  rotated by one block. `options.gen_length` is the canvas's `G`.
+  """
+  o = options.program_key()
+  fn = functools.partial(_block_program, cfg, mesh, o, bucket, on_compile)
+  return jax.jit(fn, donate_argnums=(1,))
+
+
+def empty_canvas(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket: int
+                 ) -> sampling.Canvas:
+  """An all-inactive pool canvas (NumPy; placed by the caller)."""
+  return jax.tree.map(np.asarray, sampling.new_canvas(
+      cfg, options, jnp.zeros((slots, bucket), jnp.int32), jnp.zeros((slots, bucket), bool),
+      jnp.zeros((slots,), jnp.uint32), jnp.zeros((slots,), jnp.float32)))
+
+
+class Engine:
+  """Continuously batched generation over a fixed pool of slots.
+
+    engine = Engine(cfg, params, tokenizer=tok, slots=64)
+    for done in engine.generate(requests):   # in completion order
+      print(done.id, done.text)
+
+  `params` may live on a mesh: slots are split over its data/fsdp axes
+  (`slots` must be divisible by their product). `tokenizer` (with `decode`
+  and `vocab_size`) is needed for stop strings; ids >= its `vocab_size`
+  (padded embedding rows) are never sampled. `buckets` are the static
+  prompt lengths (default: powers of two up to `cfg.max_len`).
+  """
+
+  def __init__(self, cfg: ModelConfig, params, *, tokenizer=None, slots: int = DEFAULT_SLOTS,
+               buckets: Sequence[int] | None = None):
+    self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+    self.mesh = sharding.mesh_of(params)
+    multiple = 1 if self.mesh is None else self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    if slots <= 0 or slots % multiple:
+      raise ValueError(f'engine: slots={slots} must be a positive multiple of the mesh '
+                       f'batch axes (data x fsdp = {multiple})')
+    self.slots = slots
+    self.buckets = tuple(sorted(set(buckets or default_buckets(cfg.max_len))))
+    self.stats = EngineStats()
+    self._programs: dict = {}
+    self._ends = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
+
+  # -- settings --------------------------------------------------------------
+  def options_for(self, options: SamplingOptions) -> SamplingOptions:
+    """`options` with the tokenizer's vocabulary limit filled in."""
+    size = getattr(self.tokenizer, 'vocab_size', None)
+    if options.vocab_limit is None and size is not None and size < self.cfg.vocab_size:
+      return options.replace(vocab_limit=size)
+    return options
+
+  def bucket_of(self, prompt_len: int) -> int:
+    """The smallest bucket that holds `prompt_len` tokens; ValueError if none does."""
+    for b in self.buckets:
+      if prompt_len <= b:
+        return b
+    raise ValueError(f'prompt of {prompt_len} tokens is longer than the largest bucket '
+                     f'{self.buckets[-1]} (model max_len {self.cfg.max_len})')
+
+  def check(self, request: Request) -> None:
+    """Raises ValueError (naming the reason) if the request cannot run."""
+    p, o = len(request.prompt_ids), request.options
+    if p == 0:
+      raise ValueError('empty prompt')
+    self.bucket_of(p)
+    if o.variable_length:
+      if (self.cfg.max_len - p) // o.block_length <= 0:
+        raise ValueError(f'prompt of {p} tokens leaves no whole block of {o.block_length} '
+                         f'before max_len {self.cfg.max_len}')
+    elif p + o.gen_length > self.cfg.max_len:
+      raise ValueError(f'prompt of {p} tokens + gen_length {o.gen_length} exceeds max_len '
+                       f'{self.cfg.max_len}')
+    if request.stop and self.tokenizer is None:
+      raise ValueError('stop strings need a tokenizer')
+
+  def _program(self, o: SamplingOptions, bucket: int):
+    key = (o.program_key(), bucket)
+    if key not in self._programs:
+      def count():
+        self.stats.compiles += 1
+      self._programs[key] = block_program(self.cfg, o, bucket, self.mesh, count)
+    return self._programs[key]
+
+  def _put(self, tree):
+    """Device arrays, the slot axis split over the mesh's batch axes."""
+    if self.mesh is None:
+      return jax.device_put(tree)
+    def place(a):
+      names = ('act_batch',) + (None,) * (np.ndim(a) - 1) if np.ndim(a) else ()
+      return jax.device_put(a, jax.NamedSharding(self.mesh, sharding.logical_to_spec(names)))
+    return jax.tree.map(place, tree)
+
+  # -- generation --------------------------------------------------------------
+  def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+    """Runs every request; yields each `Completion` as soon as its request is done.
+
+    Raises ValueError for a request that cannot run (see `check`) before
+    anything is computed.
+    """
+    groups: dict = collections.OrderedDict()
+    for req in requests:
+      req = dataclasses.replace(req, options=self.options_for(req.options))
+      self.check(req)
+      key = req.options.program_key()
+      groups.setdefault(key, collections.defaultdict(collections.deque))
+      groups[key][self.bucket_of(len(req.prompt_ids))].append(req)
+    start = time.perf_counter()
+    try:
+      for group, queues in groups.items():
+        for bucket in sorted(queues, reverse=True):
+          yield from self._run_pool(group, bucket, queues)
+    finally:
+      self.stats.seconds += time.perf_counter() - start
+
+  def _limit_blocks(self, o: SamplingOptions, p: int) -> int:
+    if o.variable_length:
+      return min(o.num_blocks, (self.cfg.max_len - p) // o.block_length)
+    return o.num_blocks
+
+  def _run_pool(self, o: SamplingOptions, bucket: int, queues) -> Iterator[Completion]:
+    """Continuous batching of one (group, bucket) pool until it has nothing left."""
+    own = queues[bucket]
+    if not own:
+      return
+    smaller = [queues[b] for b in sorted(queues, reverse=True) if b < bucket]
+    program = self._program(o, bucket)
+    n, w = self.slots, o.block_length
+    canvas = self._put(empty_canvas(self.cfg, o, n, bucket))
+    live: list[_Live | None] = [None] * n
+    own_live = 0
+    while own or any(live):
+      admit = np.zeros((n,), bool)
+      rows, seeds, temps = [[] for _ in range(n)], np.zeros((n,), np.uint32), np.zeros((n,), np.float32)
+      for s in range(n):
+        if live[s] is not None:
+          continue
+        # Backfill from smaller buckets only while this bucket's own requests keep the pool busy.
+        source = own if own else next((q for q in smaller if q), None) if own_live else None
+        if not source:
+          continue
+        req = source.popleft()
+        own_live += source is own
+        live[s] = _Live(req, self._limit_blocks(req.options, len(req.prompt_ids)))
+        admit[s] = True
+        rows[s] = req.prompt_ids
+        seeds[s] = req.seed % 2 ** 32
+        temps[s] = req.options.temperature
+      if not any(live):
+        break
+      prompt, mask = _left_pad(rows, bucket, self.cfg.pad_token_id)
+      active = np.array([x is not None for x in live])
+      inputs = self._put((admit, prompt, mask, seeds, temps, active))
+      canvas, block_BW, calls_B = program(self.params, canvas, *inputs)
+      wait = time.perf_counter()
+      block_BW, calls_B = np.asarray(block_BW), np.asarray(calls_B)
+      self.stats.wait_seconds += time.perf_counter() - wait
+      self.stats.blocks += 1
+      for s, x in enumerate(live):
+        if x is None:
+          continue
+        x.tokens.extend(int(t) for t in block_BW[s])
+        x.steps = int(calls_B[s])
+        done = self._finish(x)
+        if done is not None:
+          own_live -= self.bucket_of(len(x.request.prompt_ids)) == bucket
+          live[s] = None
+          self.stats.requests += 1
+          self.stats.output_tokens += len(done.token_ids)
+          self.stats.generated_tokens += done.generated
+          yield done
+
+  def _finish(self, x: _Live) -> Completion | None:
+    """The completion if the request is done after its latest block, else None."""
+    req, gen = x.request, x.tokens
+    end = next((i for i, t in enumerate(gen) if t in self._ends), None)
+    ids = gen if end is None else gen[:end]
+    limit = req.max_new_tokens
+    if limit is not None:
+      ids = ids[:limit]
+    text = self._decode(ids) if req.stop else None
+    cut = min((i for i in (text.find(s) for s in req.stop if s) if i >= 0), default=-1)
+    if cut >= 0:
+      reason, text = 'stop', text[:cut]
+      ids = self._ids_behind(ids, text)
+    elif end is not None and (limit is None or end <= limit):
+      reason = 'eos'
+    elif ((limit is not None and len(gen) >= limit)
+          or len(gen) >= x.limit_blocks * req.options.block_length):
+      reason = 'length'
+    else:
+      return None
+    if text is None:
+      text = self._decode(ids)
+    return Completion(id=req.id, text=text, token_ids=list(ids), finish_reason=reason,
+                      generated=len(gen), steps=x.steps)
+
+  def _decode(self, ids) -> str:
+    if self.tokenizer is None:
+      return ''
+    return self.tokenizer.decode(ids)
+
+  def _ids_behind(self, ids, text: str) -> list:
+    """The shortest prefix of `ids` whose text covers `text` (binary search on decoded length)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if len(self._decode(ids[:mid])) >= len(text):
+        hi = mid
+      else:
+        lo = mid + 1
+    return list(ids[:lo])
