@@ -12,11 +12,14 @@
 Both take many `(context, answer)` pairs at once: every pair is one row (MC:
 `batch_size` rows) of a right-padded batch whose padding is hidden by the key
 mask, so rows of different lengths share one compiled program per length
-bucket. The LM head runs only on answer positions.
+bucket. The LM head runs only on answer positions. MC masks are drawn from
+each pair's own seed (`fold_in(key(seed), round)`), so a pair's estimate does
+not depend on the pairs beside it (SPEC §2, per-request independence).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -44,26 +47,71 @@ def stratified_mask_counts(k, l, b: int):
   return (n_B - 1) % l + 1
 
 
+METHODS = ('mc', 'confidence')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringOptions:
+  """How answers are scored (SPEC §3); hashable, it selects the compiled program.
+
+  method: 'mc' (Monte-Carlo likelihood) or 'confidence'; mc_num / mc_batch:
+  MC samples and rows per round (`mc_num % mc_batch == 0`); cfg_scale: MC
+  classifier-free guidance.
+  """
+  method: str = 'mc'
+  mc_num: int = 128
+  mc_batch: int = 16
+  cfg_scale: float = 0.
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f'ScoringOptions.method: {self.method!r} not in {METHODS}')
+    if self.mc_batch <= 0 or self.mc_num <= 0 or self.mc_num % self.mc_batch:
+      raise ValueError(f'ScoringOptions.mc_num: {self.mc_num} is not a positive multiple of '
+                       f'mc_batch={self.mc_batch}')
+    object.__setattr__(self, 'cfg_scale', float(self.cfg_scale))
+
+
 def _pad_to(n: int, bucket: int) -> int:
   return -(-n // bucket) * bucket
 
 
-def _pack(cfg: ModelConfig, pairs, prefix=(), suffix=()):
-  """Right-padded rows `[context | answer]` and their answer spans (NumPy)."""
+def row_length(cfg: ModelConfig, pair, prefix=(), suffix=()) -> int:
+  """Tokens in the model row of one `(context, answer)` pair."""
+  return len(prefix) + len(pair[0]) + len(pair[1]) + len(suffix)
+
+
+def _pack(cfg: ModelConfig, pairs, prefix=(), suffix=(), length=None, answer=None):
+  """Right-padded rows `[context | answer]` and their answer spans (NumPy).
+
+  `length` / `answer`: static row and answer widths (default: the longest,
+  rounded up to 32 / 8).
+  """
   rows = [list(prefix) + list(c) + list(a) + list(suffix) for c, a in pairs]
   p_R = np.array([len(prefix) + len(c) for c, _ in pairs], np.int32)
   a_R = np.array([len(a) for _, a in pairs], np.int32)
   if np.any(a_R < 1):
     raise ValueError('scoring: every answer needs at least one token')
-  l = _pad_to(max(map(len, rows)), _LEN_BUCKET)
-  if l > cfg.max_len:
-    raise ValueError(f'scoring: a row of {max(map(len, rows))} tokens exceeds max_len {cfg.max_len}')
+  longest = max(map(len, rows))
+  if longest > cfg.max_len:
+    raise ValueError(f'scoring: a row of {longest} tokens exceeds max_len {cfg.max_len}')
+  l = length or min(_pad_to(longest, _LEN_BUCKET), cfg.max_len)
+  a_max = answer or _pad_to(int(a_R.max()), _ANS_BUCKET)
+  if longest > l or a_R.max() > a_max:
+    raise ValueError(f'scoring: rows of {longest} / answers of {a_R.max()} tokens exceed the '
+                     f'static sizes {l} / {a_max}')
   tokens_RL = np.full((len(rows), l), cfg.pad_token_id, np.int32)
   valid_RL = np.zeros((len(rows), l), bool)
   for r, row in enumerate(rows):
     tokens_RL[r, :len(row)] = row
     valid_RL[r, :len(row)] = True
-  return tokens_RL, valid_RL, p_R, a_R, _pad_to(int(a_R.max()), _ANS_BUCKET)
+  return tokens_RL, valid_RL, p_R, a_R, a_max
+
+
+def _seeds(key, seeds, n: int):
+  if seeds is not None:
+    return jnp.asarray(np.asarray(seeds, np.int64) % 2 ** 32, jnp.uint32)
+  return jax.random.bits(jax.random.key(0) if key is None else key, (n,), jnp.uint32)
 
 
 def _answer_ce(cfg: ModelConfig, params, tokens_XL, valid_XL, pos_XA, target_XA, cfg_scale,
@@ -94,14 +142,15 @@ def _answer_slots(tokens_RL, p_R, a_R, a_max: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _mc(cfg, mesh, a_max, b, rounds, cfg_scale, params, tokens_RL, valid_RL, p_R, a_R, key):
+def _mc(cfg, mesh, a_max, b, rounds, cfg_scale, params, tokens_RL, valid_RL, p_R, a_R, seed_R):
   with sharding.activation_sharding(mesh):
     r, l = tokens_RL.shape
     pos_RA, target_RA, slot_RA = _answer_slots(tokens_RL, p_R, a_R, a_max)
     prompt_RL = jnp.arange(l)[None] < p_R[:, None]
+    key_R = jax.vmap(jax.random.key)(seed_R)
 
-    def one_round(key):
-      keys = jax.random.split(key, r)
+    def one_round(i):
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(key_R)
 
       def draw(key, a, slot_A):  # one request: counts per row and which slots are masked
         key_k, key_perm = jax.random.split(key)
@@ -124,25 +173,28 @@ def _mc(cfg, mesh, a_max, b, rounds, cfg_scale, params, tokens_RL, valid_RL, p_R
       loss_X = jnp.sum(jnp.where(masked_XA, ce_XA, 0.), axis=-1) * weight_X
       return loss_X.reshape(r, b).mean(axis=-1)
 
-    losses_NR = jax.lax.map(one_round, jax.random.split(key, rounds))
+    losses_NR = jax.lax.map(one_round, jnp.arange(rounds))
     return -losses_NR.mean(axis=0)
 
 
 def mc_log_likelihood(cfg: ModelConfig, params, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                       *, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.,
-                      key=None) -> np.ndarray:
+                      key=None, seeds=None, length: int | None = None,
+                      answer: int | None = None) -> np.ndarray:
   """Monte-Carlo `log p(answer | prompt)` per `(prompt_ids, answer_ids)` pair -> float `[R]`.
 
   `mc_num` must be a multiple of `batch_size`; `mc_num = batch_size = 1` with a
   one-token answer is exact. CFG (`cfg_scale > 0`) reuses the masks with the
-  prompt fully masked in the unconditional pass.
+  prompt fully masked in the unconditional pass. `seeds` (ints `[R]`) key each
+  pair's masks; by default they are drawn from `key`. `length` / `answer`:
+  static row and answer widths (the engine's buckets).
+  Raises ValueError for an empty answer, a row over `max_len` or bad mc sizes.
   """
-  if mc_num % batch_size:
-    raise ValueError(f'scoring: mc_num={mc_num} is not a multiple of batch_size={batch_size}')
-  tokens_RL, valid_RL, p_R, a_R, a_max = _pack(cfg, pairs)
-  key = jax.random.key(0) if key is None else key
+  ScoringOptions('mc', mc_num, batch_size, cfg_scale)
+  tokens_RL, valid_RL, p_R, a_R, a_max = _pack(cfg, pairs, length=length, answer=answer)
   out = _mc(cfg, sharding.mesh_of(params), a_max, batch_size, mc_num // batch_size,
-            float(cfg_scale), params, tokens_RL, valid_RL, p_R, a_R, key)
+            float(cfg_scale), params, tokens_RL, valid_RL, p_R, a_R,
+            _seeds(key, seeds, len(pairs)))
   return np.asarray(out, np.float64)
 
 
@@ -172,14 +224,20 @@ def _confidence(cfg, mesh, a_max, params, tokens_RL, valid_RL, p_R, a_R):
 
 
 def confidence_score(cfg: ModelConfig, params, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                     *, add_bos: bool = True, append_eos: bool = True) -> np.ndarray:
+                     *, add_bos: bool = True, append_eos: bool = True, length: int | None = None,
+                     answer: int | None = None) -> np.ndarray:
   """Confidence-based score per `(context_ids, answer_ids)` pair -> float `[R]` (higher is better).
 
   As the reference: BOS is prepended to the context and one EOS appended after
   the answer (its logit unused); `l` forward passes for an `l`-token answer.
+  `length` / `answer`: static row and answer widths (the engine's buckets).
   """
-  prefix = (cfg.bos_token_id,) if add_bos else ()
-  suffix = (cfg.eos_token_id,) if append_eos else ()
-  tokens_RL, valid_RL, p_R, a_R, a_max = _pack(cfg, pairs, prefix, suffix)
+  prefix, suffix = confidence_affixes(cfg, add_bos, append_eos)
+  tokens_RL, valid_RL, p_R, a_R, a_max = _pack(cfg, pairs, prefix, suffix, length, answer)
   out = _confidence(cfg, sharding.mesh_of(params), a_max, params, tokens_RL, valid_RL, p_R, a_R)
   return np.asarray(out, np.float64)
+
+
+def confidence_affixes(cfg: ModelConfig, add_bos: bool = True, append_eos: bool = True):
+  """Tokens before the context and after the answer in a confidence-scoring row."""
+  return ((cfg.bos_token_id,) if add_bos else ()), ((cfg.eos_token_id,) if append_eos else ())
