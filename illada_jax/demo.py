@@ -10,9 +10,11 @@ Everything is generated locally (no download):
 3. SFT training of a tiny iLLaDA-architecture model through the ordinary
    training stack (Grain pipeline, AdamW, Orbax checkpoints) — the prompt is
    never masked, the answer and its EOS padding are;
-4. greedy low-confidence sampling of the held-out problems with the jitted
-   sampler (`illada_jax.sampling.sample`), the exact-match accuracy, and one
-   denoising trace (which answer position was filled at which step).
+4. greedy low-confidence sampling of the held-out problems with the batch
+   engine (`illada_jax.engine`), the exact-match accuracy, and one denoising
+   trace (which answer position was filled at which step). The checkpoint
+   records that prompts start with BOS, so `illada-sample` on it gives the
+   same answers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from illada_jax import data as data_lib
 from illada_jax import text_tokenizer
 from illada_jax.configs.models import ILLADA_TINY
 from illada_jax.optimizer import OptimizerConfig
+from illada_jax.prompts import PromptFormat, left_pad
+from illada_jax.sampling import SamplingOptions
 from illada_jax.train import TrainConfig
 
 
@@ -113,15 +117,15 @@ def prepare(cfg: DemoConfig) -> tuple[TrainConfig, Any, list[dict]]:
   return train_config(cfg, vocab, tok.path), tok, test
 
 
+def prompt_format() -> PromptFormat:
+  """The demo trains with BOS before every prompt (`DataConfig.add_bos`) and records it."""
+  return PromptFormat(add_bos=True)
+
+
 def encode_prompts(tok, prompts: list[str], width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded `[B, width]` prompt ids (BOS first) and their key mask."""
-  ids = np.full((len(prompts), width), tok.eos_id, np.int32)
-  mask = np.zeros((len(prompts), width), bool)
-  for i, p in enumerate(prompts):
-    row = [tok.bos_id] + tok.encode(p)
-    ids[i, width - len(row):] = row
-    mask[i, width - len(row):] = True
-  return ids, mask
+  """Left-padded `[B, width]` prompt ids in the demo's format (BOS first) and their key mask."""
+  cfg = model_config()
+  return left_pad([prompt_format().encode(tok, cfg, p) for p in prompts], tok.eos_id, width)
 
 
 def decode_answer(tok, ids) -> str:
@@ -131,24 +135,29 @@ def decode_answer(tok, ids) -> str:
   return tok.decode(ids).strip()
 
 
+def sampling_options(cfg: DemoConfig) -> SamplingOptions:
+  """Greedy low-confidence sampling of the whole answer canvas, one token per step."""
+  _, g = seq_lengths(cfg)
+  return SamplingOptions(gen_length=g, block_length=g, steps=g)
+
+
 def evaluate(model_cfg, params, tok, test: list[dict], cfg: DemoConfig, batch: int = 250
              ) -> dict[str, Any]:
-  """Greedy low-confidence sampling of the test prompts; accuracy and one trace."""
-  from illada_jax import sampling
+  """Samples the test prompts with the engine (`batch` slots); accuracy and one trace."""
+  from illada_jax import engine, sampling
   p, g = seq_lengths(cfg)
-  correct, outputs, trace = 0, [], None
-  for start in range(0, len(test), batch):
-    chunk = test[start:start + batch]
-    ids, mask = encode_prompts(tok, [r['prompt'] for r in chunk], p)
-    out = sampling.sample(model_cfg, params, ids, mask, gen_length=g, block_length=g, steps=g,
-                          temperature=0.0, remasking='low_confidence')
-    tokens, steps = np.asarray(out.tokens), np.asarray(out.commit_step)
-    for i, r in enumerate(chunk):
-      answer = decode_answer(tok, tokens[i, p:])
-      outputs.append(answer)
-      correct += answer == r['response']
-    if trace is None:
-      trace = denoising_trace(tok, tokens[0, p:], steps[0, p:], model_cfg.mask_token_id)
+  options = sampling_options(cfg)
+  fmt = prompt_format()
+  requests = [engine.Request(id=i, prompt_ids=tuple(fmt.encode(tok, model_cfg, r['prompt'])),
+                             options=options) for i, r in enumerate(test)]
+  eng = engine.Engine(model_cfg, params, tokenizer=tok, slots=batch, buckets=(p,))
+  texts = {c.id: c.text.strip() for c in eng.generate(requests)}
+  outputs = [texts[i] for i in range(len(test))]
+  correct = sum(o == r['response'] for o, r in zip(outputs, test))
+  ids, mask = left_pad([requests[0].prompt_ids], model_cfg.pad_token_id)
+  out = sampling.sample(model_cfg, params, ids, mask, options)
+  trace = denoising_trace(tok, np.asarray(out.tokens)[0, p:], np.asarray(out.commit_step)[0, p:],
+                          model_cfg.mask_token_id)
   return {'accuracy': correct / len(test), 'n': len(test), 'outputs': outputs, 'trace': trace}
 
 

@@ -1,18 +1,21 @@
-"""A checkpoint's tokenizer, the chat format (SPEC §5), prompt batching and text cut-off.
+"""Prompts as the model was trained: the checkpoint's tokenizer and prompt format (SPEC §5).
 
-`load_tokenizer(ckpt_dir)` finds `tokenizer.json` (HF `tokenizers`) or a
-SentencePiece `.model` next to the weights (`text_tokenizer.Tokenizer`).
-`chat_ids` renders messages with the checkpoint's Jinja `chat_template` from
-`tokenizer_config.json` when there is one, else with the LLaDA format:
-`BOS`, per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
+A checkpoint directory records its prompt convention in `tokenizer_config.json`
+(the Hugging Face keys): `add_bos_token` (BOS before a plain prompt) and
+`chat_template` (Jinja). Converted checkpoints carry the file of their source;
+checkpoints written by the training loop get one from `PromptFormat.write`.
+Without a template, chat prompts use the LLaDA format: `BOS`, then per
+message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
 then the assistant header.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -20,9 +23,14 @@ import numpy as np
 from illada_jax import text_tokenizer
 from illada_jax.config import ModelConfig
 
+TOKENIZER_CONFIG = 'tokenizer_config.json'
+
 
 def load_tokenizer(ckpt_dir: str, override: str | None = None) -> text_tokenizer.Tokenizer:
-  """The tokenizer at `override`, else the one stored in `ckpt_dir`."""
+  """The tokenizer at `override`, else the one stored in `ckpt_dir`.
+
+  Raises FileNotFoundError naming the directory if it holds none.
+  """
   if override:
     return text_tokenizer.load(override)
   if os.path.exists(os.path.join(ckpt_dir, 'tokenizer.json')):
@@ -34,13 +42,72 @@ def load_tokenizer(ckpt_dir: str, override: str | None = None) -> text_tokenizer
                           'pass --tokenizer')
 
 
-def _template(ckpt_dir: str | None) -> str | None:
-  path = ckpt_dir and os.path.join(ckpt_dir, 'tokenizer_config.json')
-  if path and os.path.exists(path):
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+  """How prompt text becomes model input.
+
+  add_bos: BOS before a plain (non-chat) prompt, as in training.
+  chat_template: a Jinja chat template, or None for the LLaDA format.
+  """
+  add_bos: bool = False
+  chat_template: str | None = None
+
+  @classmethod
+  def from_checkpoint(cls, ckpt_dir: str | None) -> 'PromptFormat':
+    """Reads `tokenizer_config.json` in `ckpt_dir`; defaults where it is absent.
+
+    Raises ValueError naming the file if it is not a JSON object.
+    """
+    path = ckpt_dir and os.path.join(ckpt_dir, TOKENIZER_CONFIG)
+    if not path or not os.path.exists(path):
+      return cls()
     with open(path) as f:
-      template = json.load(f).get('chat_template')
-    return template if isinstance(template, str) else None
-  return None
+      try:
+        conf = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from None
+    if not isinstance(conf, dict):
+      raise ValueError(f'{path}: expected a JSON object')
+    template = conf.get('chat_template')
+    return cls(add_bos=bool(conf.get('add_bos_token', False)),
+               chat_template=template if isinstance(template, str) else None)
+
+  def write(self, ckpt_dir: str, tokenizer_path: str | None = None) -> None:
+    """Records this format (and copies the tokenizer file) into `ckpt_dir`.
+
+    An existing `tokenizer_config.json` keeps its other keys.
+    """
+    path = os.path.join(ckpt_dir, TOKENIZER_CONFIG)
+    conf = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        conf = json.load(f)
+    conf['add_bos_token'] = self.add_bos
+    if self.chat_template is not None:
+      conf['chat_template'] = self.chat_template
+    with open(path + '.tmp', 'w') as f:
+      json.dump(conf, f, indent=2)
+    os.replace(path + '.tmp', path)
+    if tokenizer_path:
+      src = os.path.join(tokenizer_path, 'tokenizer.json') if os.path.isdir(tokenizer_path) \
+          else tokenizer_path
+      shutil.copy2(src, os.path.join(ckpt_dir, os.path.basename(src)))
+
+  def encode(self, tok, cfg: ModelConfig, prompt, *, chat: bool = False) -> list[int]:
+    """Token ids of a prompt: a string, or a list of chat messages (implies chat)."""
+    if isinstance(prompt, str) and not chat:
+      ids = tok.encode(prompt)
+      if self.add_bos and cfg.bos_token_id is not None and ids[:1] != [cfg.bos_token_id]:
+        ids = [cfg.bos_token_id] + ids  # (text already rendered with BOS keeps one)
+      return ids
+    messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else prompt
+    if self.chat_template:
+      bos_text = ''
+      if 'bos_token' in self.chat_template and cfg.bos_token_id is not None:
+        bos_text = tok.id_to_piece(cfg.bos_token_id)
+      return tok.encode(chat_text(messages, bos_text, self.chat_template))
+    bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
+    return bos + tok.encode(chat_text(messages))
 
 
 def chat_text(messages: Sequence[dict], bos_text: str = '', template: str | None = None) -> str:
@@ -58,31 +125,23 @@ def chat_text(messages: Sequence[dict], bos_text: str = '', template: str | None
   return ''.join(parts)
 
 
-def prompt_ids(tok, cfg: ModelConfig, prompt, *, chat: bool, ckpt_dir: str | None = None,
-               add_bos: bool = False) -> list[int]:
-  """Token ids of a prompt: a string, or a list of chat messages (implies chat)."""
-  if isinstance(prompt, str) and not chat:
-    return ([cfg.bos_token_id] if add_bos else []) + tok.encode(prompt)
-  messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else prompt
-  template = _template(ckpt_dir)
-  if template:
-    bos_text = tok.id_to_piece(cfg.bos_token_id) if template and 'bos_token' in template else ''
-    return tok.encode(chat_text(messages, bos_text, template))
-  return [cfg.bos_token_id] + tok.encode(chat_text(messages))
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None,
+             multiple: int = 1):
+  """int32 `[B, P]` left-padded ids and bool `[B, P]` mask (True: real token).
 
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1):
-  """int32 `[B, P]` left-padded ids and `[B, P]` mask; B rounded up to `multiple` by repeating."""
+  `P` is `width` or the longest row; `B` is rounded up to `multiple` by
+  repeating the last row.
+  """
   rows = list(rows)
   while len(rows) % multiple:
     rows.append(rows[-1])
-  p = max(len(r) for r in rows)
+  p = max(len(r) for r in rows) if width is None else width
   ids = np.full((len(rows), p), pad_id, np.int32)
-  mask = np.zeros((len(rows), p), np.int32)
+  mask = np.zeros((len(rows), p), bool)
   for i, r in enumerate(rows):
-    if r:
+    if len(r):
       ids[i, p - len(r):] = r
-      mask[i, p - len(r):] = 1
+      mask[i, p - len(r):] = True
   return ids, mask
 
 

@@ -47,7 +47,8 @@ class Tokenizer:
     return list(self._hf.encode(text, add_special_tokens=False).ids)
 
   def decode(self, ids: Sequence[int]) -> str:
-    ids = [int(i) for i in ids]
+    """Text of `ids`; ids the tokenizer does not know (padded embedding rows) are dropped."""
+    ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
     if self._sp is not None:
       return self._sp.decode(ids)
     return self._hf.decode(ids, skip_special_tokens=False)

@@ -42,6 +42,7 @@ from illada_jax import model as model_lib
 from illada_jax import optimizer as opt_lib
 from illada_jax import sharding
 from illada_jax.config import ModelConfig
+from illada_jax.prompts import PromptFormat
 from illada_jax.configs import models as presets
 
 BATCH_AXES = ('data', 'fsdp')
@@ -222,24 +223,28 @@ def checkpoint_manager(cfg: TrainConfig) -> ocp.CheckpointManager:
                                options=options)
 
 
-def _stamp_model_config(mngr: ocp.CheckpointManager, cfg: ModelConfig):
-  """Writes `model_config.json` into every finished step directory lacking one.
+def _stamp_model_config(mngr: ocp.CheckpointManager, cfg: TrainConfig):
+  """Writes `model_config.json` and the prompt format into every finished step directory.
 
   A finished step directory is then a checkpoint directory in the format of
-  `illada_jax.checkpoint` (params item + model_config.json).
+  `illada_jax.checkpoint` (params item + model_config.json), with the
+  tokenizer and `tokenizer_config.json` recording whether training put BOS
+  before the text, so samplers encode prompts the same way.
   """
   if jax.process_index() != 0:
     return
   for step in mngr.all_steps():
     path = os.path.join(str(mngr.directory), str(step), CONFIG_FILE)
     if os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+      if cfg.data.tokenizer and os.path.exists(cfg.data.tokenizer):
+        PromptFormat(add_bos=cfg.data.add_bos).write(os.path.dirname(path), cfg.data.tokenizer)
       with open(path + '.tmp', 'w') as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+        json.dump(cfg.model.to_dict(), f, indent=2)
       os.replace(path + '.tmp', path)
 
 
 def save(mngr, state, data_iter, cfg: TrainConfig, *, force: bool = False):
-  _stamp_model_config(mngr, cfg.model)
+  _stamp_model_config(mngr, cfg)
   step = int(jax.device_get(state['step']))
   items = {
       'params': ocp.args.StandardSave(state['params']),
@@ -446,7 +451,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
       save(mngr, state, data_iter, cfg, force=True)
   finally:
     mngr.wait_until_finished()
-    _stamp_model_config(mngr, cfg.model)
+    _stamp_model_config(mngr, cfg)
     mngr.close()
     writer.close()
     if bar is not None:
