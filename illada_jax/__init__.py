@@ -3,15 +3,18 @@
 Public API:
   ModelConfig, get_preset, init_params, forward, param_count,
   abstract_params, param_shardings, make_mesh, Transformer,
-  load_checkpoint, save_checkpoint, generate, sample, mc_log_likelihood, confidence_score
+  load_checkpoint, save_checkpoint, SamplingOptions, generate, sample, Engine, Request,
+  ScoreRequest, ScoringOptions, mc_log_likelihood, confidence_score, PromptFormat
 """
 
 from illada_jax.checkpoint import load_checkpoint, save_checkpoint
 from illada_jax.config import ModelConfig
 from illada_jax.model import (Transformer, abstract_params, forward, init_params,
                               param_count, param_shardings)
-from illada_jax.sampling import generate, sample
-from illada_jax.scoring import confidence_score, mc_log_likelihood
+from illada_jax.engine import Engine, Request, ScoreRequest
+from illada_jax.prompts import PromptFormat
+from illada_jax.sampling import SamplingOptions, generate, sample
+from illada_jax.scoring import ScoringOptions, confidence_score, mc_log_likelihood
 from illada_jax.sharding import make_mesh
 
 
@@ -26,5 +29,6 @@ def get_preset(name: str) -> ModelConfig:
 
 __all__ = ['ModelConfig', 'Transformer', 'abstract_params', 'forward', 'get_preset',
            'init_params', 'make_mesh', 'param_count', 'param_shardings',
-           'load_checkpoint', 'save_checkpoint', 'generate', 'sample',
-           'mc_log_likelihood', 'confidence_score']
+           'load_checkpoint', 'save_checkpoint', 'SamplingOptions', 'generate', 'sample',
+           'Engine', 'Request', 'ScoreRequest', 'ScoringOptions', 'mc_log_likelihood',
+           'confidence_score', 'PromptFormat']

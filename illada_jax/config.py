@@ -261,3 +261,42 @@ def _from_olmo_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
                         'eos_token_id': 126081, 'pad_token_id': 126081,
                         'eot_token_id': 126348}),
   }
+
+
+def from_strings(cls, values: Mapping[str, Any]):
+  """An instance of the dataclass `cls` from text values (CLI flags, lm-eval model_args).
+
+  Each string is converted by its field's annotation (`int`, `float`,
+  `bool`, `str`, `X | None`; 'None' or '' give None); other values pass
+  through. Raises ValueError naming the field for an unknown name or a bad value.
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kw = {}
+  for name, value in values.items():
+    if name not in fields:
+      raise ValueError(f'{cls.__name__}: unknown field {name!r}; have {sorted(fields)}')
+    kw[name] = _typed(str(fields[name].type), value, f'{cls.__name__}.{name}')
+  return cls(**kw)
+
+
+def _typed(annotation: str, value, where: str):
+  if not isinstance(value, str):
+    return value
+  kinds = [k.strip() for k in annotation.split('|')]
+  if 'None' in kinds and value.strip() in ('', 'None', 'none', 'null'):
+    return None
+  kind = next((k for k in kinds if k != 'None'), 'str')
+  try:
+    if kind == 'bool':
+      if value.lower() in ('1', 'true', 'yes'):
+        return True
+      if value.lower() in ('0', 'false', 'no'):
+        return False
+      raise ValueError('expected true or false')
+    if kind == 'int':
+      return int(value)
+    if kind == 'float':
+      return float(value)
+  except ValueError as e:
+    raise ValueError(f'{where}: cannot read {value!r} as {kind} ({e})') from None
+  return value

@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from illada_jax import sampling, sharding
+from illada_jax import prompts, sampling, scoring, sharding
 from illada_jax.config import ModelConfig
 from illada_jax.sampling import SamplingOptions
+from illada_jax.scoring import ScoringOptions
 
 DEFAULT_SLOTS = 64
 
@@ -85,6 +86,23 @@ class Completion:
   steps: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+  """Score `continuation_ids` after `context_ids` (SPEC §3); `seed` keys the MC masks."""
+  id: Any
+  context_ids: tuple[int, ...]
+  continuation_ids: tuple[int, ...]
+  options: ScoringOptions = ScoringOptions()
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Scored:
+  """`score`: MC estimate of `log p(continuation | context)`, or the confidence score."""
+  id: Any
+  score: float
+
+
 @dataclasses.dataclass
 class EngineStats:
   """Counters since the engine was made (seconds are wall time)."""
@@ -108,16 +126,6 @@ class _Live:
   limit_blocks: int
   tokens: list = dataclasses.field(default_factory=list)
   steps: int = 0
-
-
-def _left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int):
-  ids = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for r, row in enumerate(rows):
-    if len(row):
-      ids[r, width - len(row):] = row
-      mask[r, width - len(row):] = True
-  return ids, mask
 
 
 def _block_program(cfg: ModelConfig, mesh, o: SamplingOptions, bucket: int, count: Callable,
@@ -297,7 +305,7 @@ class Engine:
         temps[s] = req.options.temperature
       if not any(live):
         break
-      prompt, mask = _left_pad(rows, bucket, self.cfg.pad_token_id)
+      prompt, mask = prompts.left_pad(rows, self.cfg.pad_token_id, width=bucket)
       active = np.array([x is not None for x in live])
       inputs = self._put((admit, prompt, mask, seeds, temps, active))
       canvas, block_BW, calls_B = program(self.params, canvas, *inputs)
@@ -328,9 +336,9 @@ class Engine:
     if limit is not None:
       ids = ids[:limit]
     text = self._decode(ids) if req.stop else None
-    cut = min((i for i in (text.find(s) for s in req.stop if s) if i >= 0), default=-1)
-    if cut >= 0:
-      reason, text = 'stop', text[:cut]
+    cut = None if text is None else prompts.cut_at_stops(text, req.stop)
+    if cut is not None and len(cut) < len(text):
+      reason, text = 'stop', cut
       ids = self._ids_behind(ids, text)
     elif end is not None and (limit is None or end <= limit):
       reason = 'eos'
@@ -359,3 +367,55 @@ class Engine:
       else:
         lo = mid + 1
     return list(ids[:lo])
+
+  # -- scoring -----------------------------------------------------------------
+  def _score_row(self, o: ScoringOptions) -> tuple[tuple, tuple]:
+    return scoring.confidence_affixes(self.cfg) if o.method == 'confidence' else ((), ())
+
+  def check_score(self, request: ScoreRequest) -> None:
+    """Raises ValueError (naming the reason) if the request cannot be scored."""
+    if not request.continuation_ids:
+      raise ValueError('empty continuation')
+    prefix, suffix = self._score_row(request.options)
+    self.bucket_of(scoring.row_length(
+        self.cfg, (request.context_ids, request.continuation_ids), prefix, suffix))
+
+  def score(self, requests: Iterable[ScoreRequest]) -> Iterator[Scored]:
+    """Scores every request in static batches bucketed by row and answer length.
+
+    Rows per call: `slots` (confidence) or `slots // mc_batch` requests of
+    `mc_batch` rows (MC); a short batch is filled with copies whose scores
+    are dropped. Yields results batch by batch. Raises ValueError for a
+    request that cannot be scored, before anything is computed.
+    """
+    groups: dict = collections.OrderedDict()
+    for req in requests:
+      self.check_score(req)
+      prefix, suffix = self._score_row(req.options)
+      pair = (req.context_ids, req.continuation_ids)
+      length = self.bucket_of(scoring.row_length(self.cfg, pair, prefix, suffix))
+      answer = min(length, 1 << max(3, (len(req.continuation_ids) - 1).bit_length()))
+      groups.setdefault((req.options, length, answer), []).append(req)
+    start = time.perf_counter()
+    try:
+      for (o, length, answer), reqs in groups.items():
+        per_call = max(1, self.slots // o.mc_batch) if o.method == 'mc' else self.slots
+        self.stats.compiles += 1  # one static signature per (options, length, answer)
+        for lo in range(0, len(reqs), per_call):
+          part = reqs[lo:lo + per_call]
+          full = part + [part[-1]] * (per_call - len(part))
+          pairs = [(r.context_ids, r.continuation_ids) for r in full]
+          if o.method == 'mc':
+            out = scoring.mc_log_likelihood(
+                self.cfg, self.params, pairs, mc_num=o.mc_num, batch_size=o.mc_batch,
+                cfg_scale=o.cfg_scale, seeds=[r.seed for r in full], length=length,
+                answer=answer)
+          else:
+            out = scoring.confidence_score(self.cfg, self.params, pairs, length=length,
+                                           answer=answer)
+          self.stats.blocks += 1
+          for r, value in zip(part, out):
+            self.stats.requests += 1
+            yield Scored(r.id, float(value))
+    finally:
+      self.stats.seconds += time.perf_counter() - start

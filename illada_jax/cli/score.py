@@ -1,93 +1,93 @@
 """`illada-score`: score continuations with Monte-Carlo likelihood or confidence (SPEC §3).
 
-  illada-score --ckpt DIR --data items.jsonl --method confidence
-  illada-score --ckpt DIR --data items.jsonl --method mc --mc-num 128 --batch-size 16
+  illada-score --ckpt DIR --input items.jsonl --out scores.jsonl --method confidence
+  illada-score --ckpt DIR --input items.jsonl --out scores.jsonl --method mc --mc-num 128
 
 Each JSONL line has a `context` and either a `continuation` (scored alone) or
-`choices` (each scored; the best is reported, and accuracy when an integer
-`answer` is given). Prints or writes one JSON record per line.
+`choices` (each scored; `prediction` is the best, and `correct` is given when
+an integer `answer` is), and optionally `id` (default: the line number) and
+`seed`. Requests are bucketed by length and batched by the engine; the job is
+resumable and runs on several processes as `illada-sample` does. Prints the
+accuracy over graded records at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 
-import jax
-import numpy as np
-
-import illada_jax
-from illada_jax import chat, scoring, sharding
+from illada_jax.cli import _common
 
 
-def score_pairs(cfg, params, pairs, *, method='mc', mc_num=128, batch_size=16, cfg_scale=0.,
-                chunk=32, seed=0) -> np.ndarray:
-  """Scores `(context_ids, continuation_ids)` pairs in chunks; float64 `[R]`."""
-  out = []
-  key = jax.random.key(seed)
-  for lo in range(0, len(pairs), chunk):
-    part = pairs[lo:lo + chunk]
-    if method == 'mc':
-      out.append(scoring.mc_log_likelihood(cfg, params, part, mc_num=mc_num,
-                                           batch_size=batch_size, cfg_scale=cfg_scale,
-                                           key=jax.random.fold_in(key, lo)))
-    elif method == 'confidence':
-      out.append(scoring.confidence_score(cfg, params, part))
-    else:
-      raise ValueError(f'unknown scoring method {method!r}')
-  return np.concatenate(out) if out else np.zeros((0,))
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+  from illada_jax.scoring import ScoringOptions
+  p = argparse.ArgumentParser(prog='illada-score', description=__doc__.splitlines()[0])
   p.add_argument('--ckpt', required=True)
-  p.add_argument('--data', required=True, help='JSONL with context + continuation or choices')
-  p.add_argument('--method', choices=('mc', 'confidence'), default='mc')
-  p.add_argument('--mc-num', type=int, default=128)
-  p.add_argument('--batch-size', type=int, default=16, help='MC rows per round')
-  p.add_argument('--cfg-scale', type=float, default=0.)
-  p.add_argument('--chunk', type=int, default=32, help='pairs per compiled call')
+  p.add_argument('--input', required=True, help='JSONL with context + continuation or choices')
+  p.add_argument('--out', default=None, help='JSONL results (resumable); default: stdout')
   p.add_argument('--tokenizer', default=None)
-  p.add_argument('--mesh', default=None)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--out', default=None)
-  args = p.parse_args(argv)
+  p.add_argument('--seed', type=int, default=0, help='job seed (per-request seeds derive from it)')
+  p.add_argument('--slots', type=int, default=64, help='rows scored at once')
+  p.add_argument('--buckets', default=None, help='row-length buckets, e.g. 64,256,1024')
+  p.add_argument('--mesh', default=None, help='e.g. data=2,fsdp=2,tensor=2 (local devices)')
+  p.add_argument('--on-error', choices=('skip', 'stop'), default='skip')
+  p.add_argument('--no-progress', action='store_true')
+  _common.add_options(p, ScoringOptions, 'scoring options (illada_jax.scoring.ScoringOptions)')
+  _common.add_distributed(p)
+  return p
 
-  mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-  cfg, params = illada_jax.load_checkpoint(args.ckpt, mesh=mesh)
-  tok = chat.load_tokenizer(args.ckpt, args.tokenizer)
-  items = [json.loads(line) for line in open(args.data) if line.strip()]
-  pairs, owner = [], []
-  for i, item in enumerate(items):
-    ctx = tok.encode(item['context'])
-    conts = item['choices'] if 'choices' in item else [item['continuation']]
-    for c in conts:
-      pairs.append((ctx, tok.encode(c)))
-      owner.append(i)
-  scores = score_pairs(cfg, params, pairs, method=args.method, mc_num=args.mc_num,
-                       batch_size=args.batch_size, cfg_scale=args.cfg_scale,
-                       chunk=args.chunk, seed=args.seed)
-  records, correct, graded = [], 0, 0
-  for i, item in enumerate(items):
-    s = [float(x) for x, o in zip(scores, owner) if o == i]
-    rec = {'context': item['context'], 'scores': s}
-    if 'choices' in item:
-      rec['prediction'] = int(np.argmax(s))
-      if isinstance(item.get('answer'), int):
+
+def accuracy(path: str) -> tuple[int, int]:
+  """(correct, graded) over the records of a results file."""
+  correct = graded = 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      rec = json.loads(line)
+      if 'correct' in rec:
         graded += 1
-        correct += rec['prediction'] == item['answer']
-    records.append(rec)
-  lines = [json.dumps(r) for r in records]
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write('\n'.join(lines) + ('\n' if lines else ''))
-  else:
-    print('\n'.join(lines))
-  if graded:
-    print(f'accuracy {correct / graded:.4f} ({correct}/{graded}, method={args.method})',
-          file=sys.stderr)
+        correct += bool(rec['correct'])
+  return correct, graded
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  _common.init_distributed(args)
+  import jax
+  import illada_jax
+  from illada_jax import engine, jobs, prompts, scoring
+  options = _common.options_from(args, scoring.ScoringOptions)
+  if jax.process_count() > 1 and not args.out:
+    print('illada-score: several processes need --out', file=sys.stderr)
+    return 2
+  cfg, params = illada_jax.load_checkpoint(args.ckpt, mesh=_common.local_mesh(args.mesh))
+  tok = prompts.load_tokenizer(args.ckpt, args.tokenizer)
+  fmt = prompts.PromptFormat.from_checkpoint(args.ckpt)
+  buckets = [int(b) for b in args.buckets.split(',')] if args.buckets else None
+  eng = engine.Engine(cfg, params, tokenizer=tok, slots=args.slots, buckets=buckets)
+  prepare, execute = jobs.scoring_requests(eng, tok, fmt, options, seed=args.seed)
+  with tempfile.TemporaryDirectory() as tmp:
+    out = args.out or os.path.join(tmp, 'out.jsonl')
+    try:
+      jobs.run(jobs.read_records(args.input), out, prepare, execute, on_error=args.on_error,
+               process_index=jax.process_index(), process_count=jax.process_count(),
+               barrier=_common.barrier('illada-score'), progress=not args.no_progress,
+               unit='records')
+    except jobs.JobError as e:
+      print(f'illada-score: {e}', file=sys.stderr)
+      return 2
+    if jax.process_index() == 0:
+      if not args.out:
+        with open(out, encoding='utf-8') as f:
+          sys.stdout.write(f.read())
+      correct, graded = accuracy(out)
+      if graded:
+        print(f'accuracy {correct / graded:.4f} ({correct}/{graded}, method={options.method})',
+              file=sys.stderr)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -1,0 +1,65 @@
+"""Flags shared by the CLIs: options dataclasses as flags, multi-host start, checkpoint loading."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def add_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
+  """One `--field-name` flag per field of the options dataclass `cls` (parsed by its type)."""
+  group = parser.add_argument_group(title)
+  for f in dataclasses.fields(cls):
+    flag = '--' + f.name.replace('_', '-')
+    doc = f.metadata.get('help', '')
+    if str(f.type) == 'bool':
+      group.add_argument(flag, dest=f.name, action='store_const', const='true', default=None,
+                         help=doc)
+    else:
+      group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                         help=f'{doc} (default: {f.default})' if doc else None)
+
+
+def options_from(args: argparse.Namespace, cls, **defaults):
+  """The options dataclass from the flags given (`defaults` fill the others)."""
+  from illada_jax.config import from_strings
+  given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+           if getattr(args, f.name, None) is not None}
+  return from_strings(cls, {**defaults, **given})
+
+
+def add_distributed(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--coordinator', default=None, help='HOST:PORT of process 0 (multi-host)')
+  parser.add_argument('--num-processes', type=int, default=None)
+  parser.add_argument('--process-id', type=int, default=None)
+  parser.add_argument('--distributed', action='store_true',
+                      help='call jax.distributed.initialize() with auto-detection (TPU pods)')
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """`jax.distributed.initialize` before any device is touched (gloo collectives on CPU)."""
+  import jax
+  if args.coordinator or args.distributed:
+    if jax.config.jax_platforms in (None, '', 'cpu') or 'cpu' in str(jax.config.jax_platforms):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
+def local_mesh(spec: str | None):
+  """A mesh over this process's devices (None without `spec`): each process holds a model copy."""
+  if not spec:
+    return None
+  import jax
+  from illada_jax import sharding
+  return sharding.make_mesh(spec, devices=jax.local_devices())
+
+
+def barrier(name: str):
+  """A cross-process barrier (a no-op with one process)."""
+  import jax
+  if jax.process_count() == 1:
+    return lambda: None
+  from jax.experimental import multihost_utils
+  counter = iter(range(1 << 30))
+  return lambda: multihost_utils.sync_global_devices(f'{name}-{next(counter)}')

@@ -1,0 +1,336 @@
+"""Resumable JSONL jobs over the engine: what `illada-sample --prompts` and `illada-score` run.
+
+A job reads one JSON object per line; a record's `id` defaults to its line
+number. Each result is appended to the output and flushed as soon as its
+request finishes. Killed at any moment and rerun with the same command, a job
+skips the ids already written (a torn last line is cut off first), and at the
+end the output is rewritten in input order, so it holds every id exactly once
+with the same content as an uninterrupted run.
+
+With several processes (`jax.distributed`), process `i` of `n` takes the
+records whose index is `i mod n`, writes `OUT.part-i-of-n`, and process 0
+merges all parts into `OUT` after a barrier. A bad record (invalid JSON, no
+prompt, too long for the model) becomes an `{"id", "error"}` record naming
+the file and line (`on_error='skip'`) or stops the job (`'stop'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sys
+import time
+import zlib
+from typing import Any, Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from illada_jax import engine as engine_lib
+from illada_jax.prompts import PromptFormat
+from illada_jax.sampling import SamplingOptions
+from illada_jax.scoring import ScoringOptions
+
+
+class JobError(RuntimeError):
+  """A bad input record under `on_error='stop'`; the message names the file and line."""
+
+
+@dataclasses.dataclass
+class Record:
+  """One input line: `data` is the parsed object, or None with `error` set.
+
+  `where` is `path:line`, for error messages.
+  """
+  where: str
+  id: Any
+  data: dict | None
+  error: str | None = None
+
+
+def read_records(path: str) -> list[Record]:
+  """Parses a JSONL file; bad lines become records with an `error` naming `path:line`.
+
+  Ids default to the line number; a repeated id is an error on its later line.
+  """
+  out, seen = [], {}
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        data = json.loads(line)
+      except json.JSONDecodeError as e:
+        out.append(Record(f'{path}:{n}', n, None, f'{path}:{n}: invalid JSON ({e.msg})'))
+        continue
+      if not isinstance(data, dict):
+        out.append(Record(f'{path}:{n}', n, None, f'{path}:{n}: expected a JSON object'))
+        continue
+      rid = data.get('id', n)
+      if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        out.append(Record(f'{path}:{n}', n, None,
+                          f'{path}:{n}: "id" must be a string or an integer'))
+        continue
+      if rid in seen:
+        out.append(Record(f'{path}:{n}', None, None,
+                          f'{path}:{n}: duplicate id {rid!r} (first on line {seen[rid]})'))
+        continue
+      seen[rid] = n
+      out.append(Record(f'{path}:{n}', rid, data))
+  return out
+
+
+def request_seed(job_seed: int, rid: Any, record: dict | None = None) -> int:
+  """The record's own `seed`, else a stable hash of (job seed, id): uint32."""
+  if record is not None and record.get('seed') is not None:
+    return int(record['seed']) % 2 ** 32
+  return zlib.crc32(f'{job_seed}:{rid!r}'.encode())
+
+
+# -- the output file(s) ---------------------------------------------------------
+
+def part_path(out: str, index: int, count: int) -> str:
+  return f'{out}.part-{index}-of-{count}'
+
+
+def _repair(path: str) -> None:
+  """Cuts a torn last line (no newline, or not valid JSON) off `path`."""
+  with open(path, 'rb+') as f:
+    data = f.read()
+    keep = data.rfind(b'\n') + 1
+    lines = data[:keep].splitlines(keepends=True)
+    while lines:  # a line cut by a crash mid-write cannot be trusted even with its newline
+      try:
+        json.loads(lines[-1])
+        break
+      except json.JSONDecodeError:
+        keep -= len(lines.pop())
+    if keep != len(data):
+      f.truncate(keep)
+
+
+def existing_results(out: str) -> dict[Any, str]:
+  """id -> JSON line of every result already in `out` and its part files (repaired first)."""
+  done = {}
+  for path in [out] + sorted(glob.glob(glob.escape(out) + '.part-*-of-*')):
+    if not os.path.exists(path):
+      continue
+    _repair(path)
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        rec = json.loads(line)
+        if isinstance(rec, dict) and 'id' in rec:
+          done.setdefault(rec['id'], line if line.endswith('\n') else line + '\n')
+  return done
+
+
+def merge(out: str, records: list[Record]) -> int:
+  """Rewrites `out` from itself and its parts in input order (atomically); removes the parts.
+
+  Returns the number of records written.
+  """
+  done = existing_results(out)
+  parts = glob.glob(glob.escape(out) + '.part-*-of-*')
+  tmp = out + '.merging'
+  n = 0
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for r in records:
+      if r.id in done:
+        f.write(done[r.id])
+        n += 1
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, out)
+  for p in parts:
+    os.remove(p)
+  return n
+
+
+@dataclasses.dataclass
+class JobSummary:
+  total: int = 0  # records owned by this process
+  skipped: int = 0  # already written by an earlier run
+  done: int = 0  # finished in this run
+  errors: int = 0
+  output_tokens: int = 0
+  generated_tokens: int = 0
+  seconds: float = 0.
+
+  def line(self, unit: str = 'requests') -> str:
+    rate = lambda n: n / self.seconds if self.seconds else 0.
+    return (f'{self.done} {unit} in {self.seconds:.1f} s ({self.skipped} already written, '
+            f'{self.errors} errors): output {rate(self.output_tokens):.1f} tok/s, '
+            f'computed {rate(self.generated_tokens):.1f} tok/s')
+
+
+def run(records: list[Record], out: str, prepare: Callable[[Record], Any],
+        execute: Callable[[list], Iterable[tuple[Any, dict, int, int]]], *,
+        on_error: str = 'skip', process_index: int = 0, process_count: int = 1,
+        barrier: Callable[[], None] = lambda: None, progress: bool = True,
+        unit: str = 'requests', log=None) -> JobSummary:
+  """Runs the records this process owns and not yet written; merges at the end.
+
+  prepare(record) -> a work item, or raises ValueError (a bad record).
+  execute(items) yields `(id, result dict, output tokens, generated tokens)`
+  as each item finishes. Raises JobError on a bad record with `on_error='stop'`.
+  """
+  if on_error not in ('skip', 'stop'):
+    raise ValueError(f'on_error={on_error!r}, expected skip or stop')
+  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+  mine = [r for k, r in enumerate(records) if k % process_count == process_index]
+  os.makedirs(os.path.dirname(os.path.abspath(out)) or '.', exist_ok=True)
+  done = existing_results(out)
+  path = out if process_count == 1 else part_path(out, process_index, process_count)
+  summary = JobSummary(total=len(mine))
+  start = time.perf_counter()
+  with open(path, 'a', encoding='utf-8') as f:
+    def write(rec: dict):
+      f.write(json.dumps(rec, ensure_ascii=False) + '\n')
+      f.flush()
+
+    items = []
+    for r in mine:
+      if r.id is not None and r.id in done:
+        summary.skipped += 1
+        continue
+      error = r.error
+      if error is None:
+        try:
+          items.append(prepare(r))
+          continue
+        except ValueError as e:
+          error = f'{r.where}: {e}'
+      if on_error == 'stop':
+        raise JobError(error)
+      log(f'error: {error}')
+      summary.errors += 1
+      if r.id is not None:
+        write({'id': r.id, 'error': error})
+    bar = tqdm(total=len(mine), initial=summary.skipped + summary.errors, unit=unit[:-1],
+               disable=not progress, dynamic_ncols=True)
+    try:
+      for rid, result, out_tokens, gen_tokens in execute(items):
+        write({'id': rid, **result})
+        summary.done += 1
+        summary.output_tokens += out_tokens
+        summary.generated_tokens += gen_tokens
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f'output {summary.output_tokens / elapsed:.1f} tok/s, '
+                            f'computed {summary.generated_tokens / elapsed:.1f} tok/s',
+                            refresh=False)
+        bar.update(1)
+    finally:
+      bar.close()
+  summary.seconds = time.perf_counter() - start
+  barrier()
+  if process_index == 0:
+    merge(out, records)
+  barrier()
+  log(summary.line(unit))
+  return summary
+
+
+# -- the two jobs -----------------------------------------------------------------
+
+def _strings(value, name: str) -> tuple[str, ...]:
+  if isinstance(value, str):
+    return (value,)
+  if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    return tuple(value)
+  raise ValueError(f'"{name}" must be a string or a list of strings')
+
+
+def generation_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
+                        options: SamplingOptions, *, chat: bool = False, stop=(),
+                        max_new_tokens: int | None = None, seed: int = 0):
+  """`prepare` for `run`: a record -> (engine Request, the prompt to echo).
+
+  A record has `prompt` (a string) or `messages` (a chat), and optionally
+  `stop`, `max_new_tokens`, `seed` and `temperature`, which override the
+  job's. Raises ValueError for a record the engine cannot run.
+  """
+  def prepare(r: Record):
+    d = r.data
+    key = 'messages' if 'messages' in d else 'prompt'
+    prompt = d.get(key)
+    if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):
+      raise ValueError('expected a "prompt" string or a "messages" list')
+    if isinstance(prompt, list) and not all(
+        isinstance(m, dict) and isinstance(m.get('content'), str) and 'role' in m for m in prompt):
+      raise ValueError('"messages" must be a list of {"role", "content"} objects')
+    o = options
+    if d.get('temperature') is not None:
+      o = o.replace(temperature=float(d['temperature']))
+    limit = d.get('max_new_tokens', max_new_tokens)
+    if limit is not None and (not isinstance(limit, int) or limit <= 0):
+      raise ValueError(f'"max_new_tokens" must be a positive integer, got {limit!r}')
+    req = engine_lib.Request(
+        id=r.id, prompt_ids=tuple(fmt.encode(tokenizer, engine.cfg, prompt, chat=chat)),
+        options=engine.options_for(o), stop=_strings(d.get('stop', stop), 'stop'),
+        max_new_tokens=limit, seed=request_seed(seed, r.id, d))
+    engine.check(req)
+    return req, {key: prompt}
+
+  def execute(items):
+    echo = {req.id: e for req, e in items}
+    for c in engine.generate(req for req, _ in items):
+      result = {**echo[c.id], 'completion': c.text, 'finish_reason': c.finish_reason,
+                'completion_tokens': len(c.token_ids)}
+      yield c.id, result, len(c.token_ids), c.generated
+
+  return prepare, execute
+
+
+def scoring_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
+                     options: ScoringOptions, *, seed: int = 0):
+  """`prepare` / `execute` for `run`: score a `continuation`, or each of `choices`.
+
+  A record has `context` and `continuation` (a string) or `choices` (strings;
+  an integer `answer` grades the prediction). Results: `scores` (one per
+  continuation), and with choices `prediction` (argmax) and `correct`.
+  """
+  def prepare(r: Record):
+    d = r.data
+    if not isinstance(d.get('context'), str):
+      raise ValueError('expected a "context" string')
+    if 'choices' in d:
+      conts = _strings(d['choices'], 'choices')
+      if not conts:
+        raise ValueError('"choices" is empty')
+    elif isinstance(d.get('continuation'), str):
+      conts = (d['continuation'],)
+    else:
+      raise ValueError('expected a "continuation" string or a "choices" list')
+    # Confidence scoring puts BOS before the context itself (as the reference).
+    ctx = (tokenizer.encode(d['context']) if options.method == 'confidence'
+           else fmt.encode(tokenizer, engine.cfg, d['context']))
+    base = request_seed(seed, r.id, d)
+    reqs = []
+    for j, text in enumerate(conts):
+      req = engine_lib.ScoreRequest((r.id, j), tuple(ctx), tuple(tokenizer.encode(text)),
+                                    options, (base + j) % 2 ** 32)
+      engine.check_score(req)
+      reqs.append(req)
+    return r.id, reqs, 'choices' in d, d.get('answer')
+
+  def execute(items):
+    pending = {rid: (reqs, choices, answer, {}) for rid, reqs, choices, answer in items}
+    flat = [req for _, reqs, _, _ in items for req in reqs]
+    for scored in engine.score(flat):
+      rid, j = scored.id
+      reqs, choices, answer, got = pending[rid]
+      got[j] = scored.score
+      if len(got) < len(reqs):
+        continue
+      del pending[rid]
+      scores = [got[j] for j in range(len(reqs))]
+      result = {'scores': scores}
+      if choices:
+        result['prediction'] = max(range(len(scores)), key=scores.__getitem__)
+      if choices and isinstance(answer, int) and not isinstance(answer, bool):
+        result['correct'] = result['prediction'] == answer
+      tokens = sum(len(q.continuation_ids) for q in reqs)
+      yield rid, result, tokens, tokens
+
+  return prepare, execute
