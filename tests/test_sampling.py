@@ -9,45 +9,7 @@ import illada_jax
 from illada_jax import sampling
 from illada_jax.model import KVCache
 
-# Untied LLaDA layout: a random head gives varied, well-separated predictions.
-LLADA = illada_jax.get_preset('llada_tiny').replace(
-    num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_hidden=96,
-    vocab_size=90, max_len=64, mask_token_id=80, bos_token_id=81, eos_token_id=82,
-    pad_token_id=82, eot_token_id=83, param_dtype='float32', compute_dtype='float32',
-    remat_policy='none')
-# Tied iLLaDA layout (GQA, no EOT), unscanned layers.
-ILLADA = illada_jax.get_preset('illada_tiny').replace(
-    num_layers=2, d_model=64, num_heads=4, num_kv_heads=1, head_dim=16, mlp_hidden=96,
-    vocab_size=70, max_len=64, param_dtype='float32', compute_dtype='float32',
-    remat_policy='none', scan_layers=False)
-
-
-def make_params(cfg, seed=0, end_boost=0.):
-  """Random params scaled up (sharper logits); the mask token is never predicted.
-
-  `end_boost` > 0 scales up the EOS/EOT head columns so they win often.
-  """
-  params = illada_jax.init_params(cfg, jax.random.key(seed))
-  params = jax.tree.map(lambda x: x * 5, params)
-  emb = params['embedder']['embedding']
-  if cfg.tie_embeddings:
-    params['embedder']['embedding'] = emb.at[cfg.mask_token_id].set(0.)
-  else:
-    head = params['lm_head'].at[:, cfg.mask_token_id].set(0.)
-    for end_id in (cfg.eos_token_id, cfg.eot_token_id):
-      head = head.at[:, end_id].multiply(1. + end_boost)
-    params['lm_head'] = head
-  return params
-
-
-def padded_prompts(cfg, b=3, p=6, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, 60, (b, p)).astype(np.int32)
-  mask = np.ones((b, p), np.int32)
-  for r in range(1, b):
-    mask[r, :r * 2] = 0
-  tokens[mask == 0] = cfg.pad_token_id
-  return tokens, mask
+from helpers import ILLADA, LLADA, make_params, padded_prompts
 
 
 def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, steps,

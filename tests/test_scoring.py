@@ -6,7 +6,7 @@ import numpy as np
 import illada_jax
 from illada_jax import scoring
 
-from test_sampling import LLADA, make_params
+from helpers import LLADA, make_params
 
 
 def log_softmax(x):

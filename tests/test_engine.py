@@ -1,0 +1,155 @@
+"""The continuous batching engine against `sample()` run on each request alone."""
+
+import jax
+import numpy as np
+import pytest
+
+from illada_jax import engine, sampling, scoring
+from illada_jax.sampling import SamplingOptions
+
+from helpers import LLADA, make_params
+
+ENDS = (LLADA.eos_token_id, LLADA.eot_token_id)
+
+
+def requests(options, n, seed=0, lengths=(3, 13, 7, 19)):
+  """`n` requests cycling through prompt `lengths` (few lengths: `alone` compiles per length)."""
+  rng = np.random.default_rng(seed)
+  return [engine.Request(id=i, prompt_ids=tuple(int(t) for t in rng.integers(
+      0, 60, lengths[i % len(lengths)])), options=options, seed=1000 + i) for i in range(n)]
+
+
+def alone(params, req):
+  """Completion ids of `sample()` on the request by itself (cut at the first EOS/EOT)."""
+  out = sampling.sample(LLADA, params, np.asarray([req.prompt_ids]), options=req.options,
+                        seeds=[req.seed])
+  gen = np.asarray(out.tokens)[0, len(req.prompt_ids):].tolist()
+  end = next((i for i, t in enumerate(gen) if t in ENDS), len(gen))
+  return gen[:end]
+
+
+MODES = {
+    'fixed': SamplingOptions(gen_length=16, block_length=4, steps=8),
+    'variable': SamplingOptions(gen_length=16, block_length=4, steps=4, variable_length=True),
+    'threshold_dual': SamplingOptions(gen_length=16, block_length=4, variable_length=True,
+                                      threshold=0.5, cache='dual'),
+    'cfg_dual': SamplingOptions(gen_length=12, block_length=4, steps=6, cfg_scale=0.5,
+                                cache='dual'),
+}
+
+
+@pytest.mark.parametrize('mode', list(MODES))
+def test_each_request_equals_sample_alone(mode):
+  """Prompts of 3-19 tokens (three buckets), 3 slots for 8 requests, rows ending early."""
+  params = make_params(LLADA, end_boost=0.3)
+  reqs = requests(MODES[mode], 8)
+  eng = engine.Engine(LLADA, params, slots=3, buckets=(8, 16, 32))
+  got = {c.id: c for c in eng.generate(reqs)}
+  assert sorted(got) == list(range(8))
+  for r in reqs:
+    assert got[r.id].token_ids == alone(params, r), r.id
+  reasons = {c.finish_reason for c in got.values()}
+  assert reasons == {'eos', 'length'}  # some rows stopped early, others ran to the limit
+  # Staggered admission: more requests than slots, and the pool ran fewer blocks than
+  # static batches of 3 would (requests left early and others took their slots).
+  blocks_per_request = MODES[mode].num_blocks
+  assert eng.stats.blocks < 3 * blocks_per_request * 2
+
+
+def test_random_draws_follow_the_request_not_its_row():
+  params = make_params(LLADA)
+  o = SamplingOptions(gen_length=12, block_length=4, steps=6, variable_length=True,
+                      temperature=0.9, remasking='random')
+  reqs = requests(o, 6, seed=3)
+  target = reqs[2]
+  runs = []
+  for slots, order in ((1, [2]), (2, [0, 1, 2, 3]), (4, [5, 4, 3, 2, 1, 0])):
+    eng = engine.Engine(LLADA, params, slots=slots, buckets=(32,))
+    runs.append({c.id: c.token_ids for c in eng.generate([reqs[i] for i in order])}[2])
+  assert runs[0] == runs[1] == runs[2] == alone(params, target)
+  other = engine.Request(id=9, prompt_ids=target.prompt_ids, options=o, seed=target.seed + 1)
+  diff = next(engine.Engine(LLADA, params, slots=1).generate([other])).token_ids
+  assert diff != runs[0]  # the seed, not the position, decides the draws
+
+
+def test_programs_are_bounded_by_buckets_times_groups():
+  params = make_params(LLADA)
+  a = SamplingOptions(gen_length=8, block_length=4, steps=4)
+  b = SamplingOptions(gen_length=8, block_length=4, steps=4, temperature=0.5)
+  c = SamplingOptions(gen_length=8, block_length=4, steps=4, temperature=1.5)  # b's program
+  reqs = requests(a, 6, lengths=(3, 12)) + requests(b, 3, lengths=(5,)) + requests(c, 3, 1, (6,))
+  reqs = [engine.Request(id=k, prompt_ids=r.prompt_ids, options=r.options, seed=k)
+          for k, r in enumerate(reqs)]
+  eng = engine.Engine(LLADA, params, slots=2, buckets=(8, 16))
+  assert len(list(eng.generate(reqs))) == 12
+  used = {(r.options.program_key(), eng.bucket_of(len(r.prompt_ids))) for r in reqs}
+  assert eng.stats.compiles == len(used) <= 2 * 2
+  list(eng.generate(reqs))
+  assert eng.stats.compiles == len(used)  # nothing recompiles
+
+
+class _Pieces:
+  """A stand-in tokenizer: id i decodes to `PIECES[i]`, `vocab_size` ids in all."""
+
+  def __init__(self, vocab_size):
+    self.vocab_size = vocab_size
+
+  def decode(self, ids):
+    return ''.join(f'<{i}>' for i in ids)
+
+
+def test_max_new_tokens_and_padded_vocabulary_rows():
+  params = make_params(LLADA)
+  # Rows 70.. of the head (not tokenizer ids here) win everywhere unless excluded.
+  params['lm_head'] = params['lm_head'].at[:, 70:80].add(50.)
+  o = SamplingOptions(gen_length=8, block_length=4, steps=8)
+  reqs = requests(o, 3, seed=5)
+  raw = list(engine.Engine(LLADA, params, slots=2).generate(reqs))
+  assert any(t >= 70 for c in raw for t in c.token_ids)
+  eng = engine.Engine(LLADA, params, slots=2, tokenizer=_Pieces(70))
+  limited = [engine.Request(id=r.id, prompt_ids=r.prompt_ids, options=o, max_new_tokens=3,
+                            seed=r.seed) for r in reqs]
+  for c in eng.generate(limited):
+    assert all(t < 70 for t in c.token_ids)
+    full = alone(params, engine.Request(**{**limited[c.id].__dict__,
+                                            'options': o.replace(vocab_limit=70)}))
+    assert c.token_ids == full[:3] and c.text == _Pieces(70).decode(full[:3])
+    assert c.finish_reason == ('length' if len(full) >= 3 else 'eos')
+
+
+def test_bad_requests_are_refused_before_anything_runs():
+  eng = engine.Engine(LLADA, make_params(LLADA), slots=2, buckets=(8, 16))
+  o = SamplingOptions(gen_length=8, block_length=4, steps=4)
+  with pytest.raises(ValueError, match='longer than the largest bucket'):
+    list(eng.generate([engine.Request(0, tuple(range(17)), o)]))
+  with pytest.raises(ValueError, match='exceeds max_len'):
+    list(engine.Engine(LLADA, make_params(LLADA), slots=2).generate(
+        [engine.Request(0, tuple(range(60)), o)]))
+  with pytest.raises(ValueError, match='empty prompt'):
+    list(eng.generate([engine.Request(0, (), o)]))
+  with pytest.raises(ValueError, match='stop strings need a tokenizer'):
+    list(eng.generate([engine.Request(0, (1, 2), o, stop=('x',))]))
+
+
+def test_scoring_through_the_engine_is_independent_of_companions():
+  params = make_params(LLADA, seed=1)
+  rng = np.random.default_rng(0)
+  mc = scoring.ScoringOptions('mc', mc_num=4, mc_batch=2)
+  reqs = [engine.ScoreRequest(i, tuple(int(t) for t in rng.integers(0, 60, (3, 11)[i % 2])),
+                              tuple(int(t) for t in rng.integers(0, 60, 1 + i % 4)),
+                              mc, seed=50 + i) for i in range(7)]
+  by_slots = []
+  for slots in (2, 8):
+    eng = engine.Engine(LLADA, params, slots=slots, buckets=(16, 32))
+    by_slots.append({s.id: s.score for s in eng.score(reqs[::-1] if slots == 8 else reqs)})
+  want = scoring.mc_log_likelihood(LLADA, params, [(r.context_ids, r.continuation_ids)
+                                                   for r in reqs],
+                                   mc_num=4, batch_size=2, seeds=[r.seed for r in reqs])
+  for r in reqs:
+    np.testing.assert_allclose([by_slots[0][r.id], by_slots[1][r.id]], [want[r.id]] * 2,
+                               rtol=1e-5)
+  conf = [engine.ScoreRequest(r.id, r.context_ids, r.continuation_ids,
+                              scoring.ScoringOptions('confidence')) for r in reqs]
+  got = {s.id: s.score for s in engine.Engine(LLADA, params, slots=3).score(conf)}
+  want = scoring.confidence_score(LLADA, params, [(r.context_ids, r.continuation_ids) for r in reqs])
+  np.testing.assert_allclose([got[i] for i in range(7)], want, rtol=1e-5)
