@@ -301,7 +301,8 @@ def _attention_case(run: Run, attend, case: str, q_shape, kv_shape):
       got = f2(*args)
       err = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) for g, r in zip(got, ref)]
       ms = lambda fn: 1e3 * seconds_per_call(fn, *args, budget_s=run.sizes.budget)[0]
-      res[impl] = dict(out=err[0], grad=max(err[1:]), got=got, fwd=ms(f1), fwd_bwd=ms(f2))
+      grad = float(jnp.max(jnp.asarray(err[1:])))  # a NaN stays NaN (Python's max may drop it)
+      res[impl] = dict(out=err[0], grad=grad, got=got, fwd=ms(f1), fwd_bwd=ms(f2))
     except Exception as e:  # e.g. XLA's materialised scores out of memory
       run.say(f'FAILED attention {impl} {case}: {_error(e)}', event=True)
   x, p = res.get('xla'), res.get('pallas')
@@ -310,8 +311,8 @@ def _attention_case(run: Run, attend, case: str, q_shape, kv_shape):
       run.say(f'  (xla {case}: fwd {x["fwd"]:.4g} ms, fwd+bwd {x["fwd_bwd"]:.4g} ms)')
     return
   name, base = ('xla', x.get) if x else ('xla (failed)', lambda key: None)
-  diff = x and max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-                   for a, b in zip(p['got'], x['got']))
+  diff = x and float(jnp.max(jnp.asarray([jnp.max(jnp.abs(
+      a.astype(jnp.float32) - b.astype(jnp.float32))) for a, b in zip(p['got'], x['got'])])))
   rec = functools.partial(run.record, 'attention', case)
   rec('max abs error vs f32, output', p['out'], 'abs', base('out'), f'{name} bf16',
       max_abs_diff_vs_xla=diff, reference_max_abs=float(jnp.max(jnp.abs(ref[0]))))
