@@ -4,6 +4,7 @@ The two checkpoint families differ only in data (KV heads, MLP width, vocabulary
 tying, token ids, RoPE theta, norm eps), never in code paths; see SPEC §1.
 `ModelConfig.from_hf` reads both Hugging Face `config.json` dialects and refuses
 anything the model does not implement rather than computing something else.
+`DataConfig` (where the training data is) lives here too; `data` re-exports it.
 """
 
 from __future__ import annotations
@@ -172,6 +173,25 @@ class ModelConfig:
     if self.eot_token_id is not None:
       d['eot_token_id'] = self.eot_token_id
     return d
+
+
+# Beside ModelConfig rather than in `data` so that `train` (a TrainConfig holds
+# one) imports without Grain: the train step runs on hosts without it.
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the data is and how it becomes rows."""
+  paths: tuple[str, ...] = ()  # files or glob patterns
+  format: str = 'auto'  # 'auto' (by extension), 'jsonl', 'parquet', 'arrayrecord', 'text'
+  eval_paths: tuple[str, ...] = ()  # held-out files; empty = the train files, another seed
+  tokenizer: str = ''  # SentencePiece .model or tokenizer.json (file or directory)
+  text_key: str = 'text'  # pretrain field
+  prompt_key: str = 'prompt'  # sft fields
+  response_key: str = 'response'
+  add_bos: bool = True  # BOS at the start of every document / SFT row
+  shuffle: bool = True
+  worker_count: int = 0  # Grain worker processes (multiprocess prefetch); 0 = in-process
+  prefetch_buffer: int = 4
+  train_tokenizer_vocab: int = 0  # > 0: train a SentencePiece of this size if `tokenizer` is missing
 
 
 def _refuse(hf: Mapping[str, Any], key: str, allowed, what: str):

@@ -29,23 +29,7 @@ import grain
 import numpy as np
 
 from illada_jax import text_tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Where the data is and how it becomes rows."""
-  paths: tuple[str, ...] = ()  # files or glob patterns
-  format: str = 'auto'  # 'auto' (by extension), 'jsonl', 'parquet', 'arrayrecord', 'text'
-  eval_paths: tuple[str, ...] = ()  # held-out files; empty = the train files, another seed
-  tokenizer: str = ''  # SentencePiece .model or tokenizer.json (file or directory)
-  text_key: str = 'text'  # pretrain field
-  prompt_key: str = 'prompt'  # sft fields
-  response_key: str = 'response'
-  add_bos: bool = True  # BOS at the start of every document / SFT row
-  shuffle: bool = True
-  worker_count: int = 0  # Grain worker processes (multiprocess prefetch); 0 = in-process
-  prefetch_buffer: int = 4
-  train_tokenizer_vocab: int = 0  # > 0: train a SentencePiece of this size if `tokenizer` is missing
+from illada_jax.config import DataConfig  # noqa: F401  (re-exported: `data.DataConfig`)
 
 
 # -- sources ----------------------------------------------------------------------

@@ -36,12 +36,11 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from illada_jax import data as data_lib
 from illada_jax import loss as loss_lib
 from illada_jax import model as model_lib
 from illada_jax import optimizer as opt_lib
 from illada_jax import sharding
-from illada_jax.config import ModelConfig
+from illada_jax.config import DataConfig, ModelConfig
 from illada_jax.prompts import PromptFormat
 from illada_jax.configs import models as presets
 
@@ -49,12 +48,19 @@ BATCH_AXES = ('data', 'fsdp')
 CONFIG_FILE = 'model_config.json'
 
 
+def _data_lib():
+  # Imported on use: `data` needs Grain, the step builders do not, and they
+  # must import on accelerator hosts without Grain (tools/device_bench.py).
+  from illada_jax import data
+  return data
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs. Config files define one as `CONFIG`."""
   model: ModelConfig = presets.ILLADA_TINY
   objective: str = 'pretrain'  # 'pretrain' or 'sft' (SPEC §4)
-  data: data_lib.DataConfig = data_lib.DataConfig()
+  data: DataConfig = DataConfig()
   optimizer: opt_lib.OptimizerConfig = opt_lib.OptimizerConfig()
   batch_size: int = 32  # global rows per optimizer step
   grad_accum: int = 1  # micro-batches per step; batch_size % grad_accum == 0
@@ -252,7 +258,7 @@ def save(mngr, state, data_iter, cfg: TrainConfig, *, force: bool = False):
       'meta': ocp.args.JsonSave({'step': step}),
   }
   if data_iter is not None:
-    items['data'] = data_lib.checkpoint_save_args(data_iter)
+    items['data'] = _data_lib().checkpoint_save_args(data_iter)
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -263,7 +269,7 @@ def restore(mngr, step: int, abstract_state, data_iter):
       'meta': ocp.args.JsonRestore(),
   }
   if data_iter is not None:
-    items['data'] = data_lib.checkpoint_restore_args(data_iter)
+    items['data'] = _data_lib().checkpoint_restore_args(data_iter)
   out = mngr.restore(step, args=ocp.args.Composite(**items))
   state = {'step': jax.device_put(jnp.asarray(out['meta']['step'], jnp.int32),
                                   abstract_state['step'].sharding),
@@ -342,6 +348,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   """
   if cfg.batch_size % (cfg.grad_accum * jax.process_count()):
     raise ValueError(f'batch_size={cfg.batch_size} must divide by grad_accum x processes')
+  data_lib = _data_lib()
   mesh = sharding.make_mesh(cfg.mesh)
   tx = opt_lib.make_optimizer(cfg.optimizer)
   abstract_state, _ = state_shardings(cfg, mesh, tx)
