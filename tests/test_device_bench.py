@@ -25,6 +25,7 @@ SMOKE_LINES = {
     ('attention', 'pallas fwd+bwd'): 1,
     ('train_1b', 'train step'): 1,
     ('forward_8b', 'forward'): 2,
+    ('engine_8b', 'output tokens/s'): 1,
     ('sampler_8b', 'fixed-step step'): 2,
     ('sampler_8b', 'threshold 0.9 + dual cache'): 2,
 }

@@ -17,6 +17,12 @@ cheapest and most important first (`FIGURES`):
   forward_8b      iLLaDA-8B, random bf16 weights, B 1 and 32 over the sampler's canvas
                   (prompt 256 + gen 256), LM head on one 32-position block as the
                   sampler applies it: TFLOP/s, tokens/s, MFU
+  engine_8b       the batch engine (`illada_jax.Engine`) at 64 slots against static
+                  batches of 64 (`illada_jax.sample`, prompts padded to the bucket) on the
+                  same 128 requests: prompts of 64-256 tokens, variable length, block 32,
+                  threshold 0.9 + dual cache, `max_new_tokens` 32/64/96/128 (random weights
+                  never write EOS, so the per-request limits make the lengths vary):
+                  output tokens/s, host share of the engine's wall time, blocks run
   sampler_8b_b*   `illada_jax.sample`, prompt 256 + gen 256, block 32, B 1 and 32:
                   threshold 0.9 + dual cache against fixed-step (256 steps) tokens/s, and
                   one fixed-step step against one plain forward (`forward_8b`'s program).
@@ -100,6 +106,8 @@ class Sizes:
   train_model: object
   train_batch: int
   train_len: int
+  slots: int  # engine slots
+  engine_gen: int  # engine generation limit
   budget: float = 1.0  # scales the seconds each timing loop may spend
 
 
@@ -112,11 +120,11 @@ def sizes(smoke: bool, attention_impl: str) -> Sizes:
                       mlp_hidden=5632, param_dtype='float32', remat_policy='full')
   if not smoke:
     return Sizes(8192, (32, 8, 128), ((2048, 8), (8192, 1)), big, (1, 32), 256, 256, 32,
-                 one_b, 16, 2048)
+                 one_b, 16, 2048, 64, 128)
   tiny = dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
               mlp_hidden=128, vocab_size=256, max_len=256)
   return Sizes(256, (4, 2, 16), ((64, 2),), big.replace(**tiny), (1, 2), 8, 16, 8,
-               one_b.replace(**tiny), 2, 32, budget=0.1)
+               one_b.replace(**tiny), 2, 32, 4, 16, budget=0.1)
 
 
 class Skip(Exception):
@@ -418,14 +426,62 @@ def sampler_8b(run: Run, batch_index: int):
              nfe=fast_nfe, weights='random: the step count of threshold decoding depends on them')
 
 
+def engine_8b(run: Run):
+  import numpy as np
+  from illada_jax import engine, prompts, sampling
+  s = run.sizes
+  cfg, params, n = s.model, params_8b(run), 2 * s.slots
+  o = sampling.SamplingOptions(gen_length=s.engine_gen, block_length=s.block,
+                               variable_length=True, threshold=0.9, cache='dual')
+  rng = np.random.default_rng(0)
+  limits = [s.engine_gen * (1 + i % 4) // 4 for i in range(n)]
+  reqs = [engine.Request(i, tuple(int(t) for t in rng.integers(16, cfg.vocab_size, int(
+      rng.integers(s.prompt // 4, s.prompt + 1)))), o, max_new_tokens=limits[i], seed=i)
+          for i in range(n)]
+  case = (f'{n} requests, {s.slots} slots, prompts {s.prompt // 4}-{s.prompt}, limit '
+          f'{s.engine_gen} (max_new {min(limits)}-{max(limits)}), block {s.block}, tau 0.9 + dual')
+  run.need(120, f'engine_8b {case}')
+
+  def static():  # the same requests the simple way: batches in order, padded to the bucket
+    out = []
+    for lo in range(0, n, s.slots):
+      part = reqs[lo:lo + s.slots]
+      ids, mask = prompts.left_pad([r.prompt_ids for r in part], cfg.pad_token_id, s.prompt)
+      toks = np.asarray(sampling.sample(cfg, params, ids, mask, o, seeds=[r.seed for r in part])
+                        .tokens)[:, s.prompt:]
+      out += [list(t[:r.max_new_tokens]) for t, r in zip(toks, part)]
+    return out
+
+  t0 = time.perf_counter()
+  static()  # compiles
+  run.compiles.append({'what': 'sample (static baseline)', 's': time.perf_counter() - t0})
+  t0 = time.perf_counter()
+  want = static()
+  static_s = time.perf_counter() - t0
+  eng = engine.Engine(cfg, params, slots=s.slots, buckets=(s.prompt,))
+  t0 = time.perf_counter()
+  list(eng.generate(reqs[:s.slots]))  # compiles the block program
+  run.compiles.append({'what': 'engine block program', 's': time.perf_counter() - t0})
+  eng.stats = engine.EngineStats()
+  t0 = time.perf_counter()
+  got = {c.id: c.token_ids for c in eng.generate(reqs)}
+  engine_s = time.perf_counter() - t0
+  tokens = sum(len(w) for w in want)
+  same = sum(got[i] == [int(t) for t in want[i]] for i in range(n))
+  run.record('engine_8b', case, 'output tokens/s', tokens / engine_s, 'tokens/s',
+             tokens / static_s, f'static batches of {s.slots} (sample)',
+             host_share=eng.stats.host_share, blocks=eng.stats.blocks,
+             same_tokens=f'{same}/{n}', weights='random')
+
+
 # (name, function, seconds it needs at least), in run order.
 FIGURES = [('matmul', matmul, 10), ('attention', attention, 30), ('train_1b', train_1b, 45),
-           ('forward_8b', forward_8b, 45),
+           ('forward_8b', forward_8b, 45), ('engine_8b', engine_8b, 120),
            ('sampler_8b_b1', functools.partial(sampler_8b, batch_index=0), 40),
            ('sampler_8b_b32', functools.partial(sampler_8b, batch_index=1), 100)]
 # One process each: a compiler crash costs one group, and exiting frees the device.
 GROUPS = (('matmul', 'attention'), ('train_1b',),
-          ('forward_8b', 'sampler_8b_b1', 'sampler_8b_b32'))
+          ('forward_8b', 'engine_8b', 'sampler_8b_b1', 'sampler_8b_b32'))
 
 
 def run_figures(args) -> int:
