@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from illada_jax import prompts, sampling, scoring, sharding
+from illada_jax import end_think, prompts, sampling, scoring, sharding
 from illada_jax.config import ModelConfig
 from illada_jax.sampling import SamplingOptions
 from illada_jax.scoring import ScoringOptions
@@ -130,13 +130,13 @@ class _Live:
 
 def _block_program(cfg: ModelConfig, mesh, o: SamplingOptions, bucket: int, count: Callable,
                    params, c: sampling.Canvas, admit_B, prompt_BP, mask_BP, seed_B, temp_B,
-                   active_B):
+                   limit_B, active_B):
   count()  # runs once per trace: the compile counter
   with sharding.activation_sharding(mesh):
     w = o.block_length
     pad_B = bucket - mask_BP.sum(-1, dtype=jnp.int32)
     pos_BP = jnp.arange(bucket, dtype=jnp.int32)[None] - pad_B[:, None]  # prompt starts at 0
-    fresh = sampling.new_canvas(cfg, o, prompt_BP, mask_BP, seed_B, temp_B, pos_BP)
+    fresh = sampling.new_canvas(cfg, o, prompt_BP, mask_BP, seed_B, temp_B, pos_BP, limit_B)
     pick = lambda new, old: (jnp.where(admit_B.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
                              if new.ndim else old)
     c = jax.tree.map(pick, fresh, c)
@@ -151,10 +151,11 @@ def block_program(cfg: ModelConfig, options: SamplingOptions, bucket: int, mesh=
                   on_compile: Callable = lambda: None):
   """The jitted program that advances every slot of a pool by one block.
 
-  `(params, canvas, admit_B, prompt_BP, mask_BP, seed_B, temp_B, active_B) ->
-  (canvas, block_BW, calls_B)`: rows with `admit_B` restart from the
-  left-padded prompt `prompt_BP` / `mask_BP` (`P = bucket`) with their seed
-  and temperature; then the current block of every `active_B` row is
+  `(params, canvas, admit_B, prompt_BP, mask_BP, seed_B, temp_B, limit_B, active_B)
+  -> (canvas, block_BW, calls_B)`: rows with `admit_B` restart from the
+  left-padded prompt `prompt_BP` / `mask_BP` (`P = bucket`) with their seed,
+  temperature and generation limit in tokens (SPEC §2: it differs by prompt
+  length under variable length; the end-of-thinking boost reads it); then the current block of every `active_B` row is
   denoised and returned (int32 `[B, W]`), and the canvas (donated) is
   rotated by one block. `options.gen_length` is the canvas's `G`.
   """
@@ -201,7 +202,13 @@ class Engine:
 
   # -- settings --------------------------------------------------------------
   def options_for(self, options: SamplingOptions) -> SamplingOptions:
-    """`options` with the tokenizer's vocabulary limit filled in."""
+    """`options` with the tokenizer's vocabulary limit filled in and a text
+    end-of-thinking marker encoded by the tokenizer (when the boost is on).
+
+    Raises ValueError (naming the field) for a marker that cannot be encoded.
+    """
+    options = end_think.resolve(options, self.tokenizer)
+    end_think.check_ids(options, self.cfg.vocab_size)
     size = getattr(self.tokenizer, 'vocab_size', None)
     if options.vocab_limit is None and size is not None and size < self.cfg.vocab_size:
       return options.replace(vocab_limit=size)
@@ -289,6 +296,7 @@ class Engine:
     while own or any(live):
       admit = np.zeros((n,), bool)
       rows, seeds, temps = [[] for _ in range(n)], np.zeros((n,), np.uint32), np.zeros((n,), np.float32)
+      limits = np.zeros((n,), np.int32)
       for s in range(n):
         if live[s] is not None:
           continue
@@ -303,11 +311,12 @@ class Engine:
         rows[s] = req.prompt_ids
         seeds[s] = req.seed % 2 ** 32
         temps[s] = req.options.temperature
+        limits[s] = live[s].limit_blocks * w
       if not any(live):
         break
       prompt, mask = prompts.left_pad(rows, self.cfg.pad_token_id, width=bucket)
       active = np.array([x is not None for x in live])
-      inputs = self._put((admit, prompt, mask, seeds, temps, active))
+      inputs = self._put((admit, prompt, mask, seeds, temps, limits, active))
       canvas, block_BW, calls_B = program(self.params, canvas, *inputs)
       wait = time.perf_counter()
       block_BW, calls_B = np.asarray(block_BW), np.asarray(calls_B)

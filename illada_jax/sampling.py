@@ -25,6 +25,8 @@ batching engine, `illada_jax.engine`) share one program.
 (key mask) only when it is appended and each row stops at its own EOS / EOT.
 The LM head runs only on the current block. Candidates are argmax (T = 0) or
 float32 Gumbel-max (T > 0); confidences are `softmax(logits)[x0]` or uniform.
+With `end_think_boost > 0`, every step of every mode first adds the
+end-of-thinking bonus (`illada_jax.end_think`, SPEC §2) to the block's logits.
 
 Random draws are keyed per row: step `i` of block `b` of a row with seed `s`
 uses `fold_in(fold_in(jax.random.key(s), b), i)`, so a row's result does not
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from illada_jax import sharding
+from illada_jax import end_think, sharding
 from illada_jax.config import ModelConfig
 from illada_jax.model import KVCache, Transformer
 
@@ -79,6 +81,13 @@ class SamplingOptions:
       False, 'append one block at a time until EOS/EOT, a stop string or the limit')
   vocab_limit: int | None = _option(
       None, "ids >= this are never candidates (the tokenizer's size: padded embedding rows)")
+  end_think: str | tuple[int, ...] | None = _option(
+      '</think>', "end-of-thinking marker: text (encoded with the checkpoint's tokenizer) or "
+      'token ids')
+  end_think_boost: float = _option(
+      0., 'end-of-thinking logit boost b: the next marker token at the first masked position '
+      'gets + b * progress ** power (0: off; SPEC §2)')
+  end_think_power: float = _option(2., 'exponent of the generation progress in the boost')
 
   def __post_init__(self):
     put = functools.partial(object.__setattr__, self)
@@ -92,6 +101,10 @@ class SamplingOptions:
     put('cfg_scale', float(self.cfg_scale))
     if self.threshold is not None:
       put('threshold', float(self.threshold))
+    put('end_think_boost', float(self.end_think_boost))
+    put('end_think_power', float(self.end_think_power))
+    if isinstance(self.end_think, (list, tuple)):
+      put('end_think', tuple(int(i) for i in self.end_think))
 
     def need(ok, field, msg):
       if not ok:
@@ -110,6 +123,10 @@ class SamplingOptions:
     need(self.cfg_scale >= 0, 'cfg_scale', f'must be >= 0, got {self.cfg_scale}')
     need(self.cache_refresh >= 0, 'cache_refresh', f'must be >= 0, got {self.cache_refresh}')
     need(self.vocab_limit is None or self.vocab_limit > 0, 'vocab_limit', 'must be positive')
+    need(self.end_think_boost >= 0, 'end_think_boost', f'must be >= 0, got {self.end_think_boost}')
+    need(self.end_think_power > 0, 'end_think_power', f'must be > 0, got {self.end_think_power}')
+    need(self.end_think_boost == 0 or bool(self.end_think), 'end_think',
+         'the boost needs a marker (text or token ids)')
 
   @property
   def num_blocks(self) -> int:
@@ -124,8 +141,12 @@ class SamplingOptions:
     return self.temperature > 0
 
   def program_key(self) -> 'SamplingOptions':
-    """The options that select a compiled program: the temperature is data, only T > 0 is not."""
-    return dataclasses.replace(self, temperature=float(self.stochastic))
+    """The options that select a compiled program: the temperature is data, only T > 0 is not;
+    the marker and power matter only with the boost on."""
+    key = dataclasses.replace(self, temperature=float(self.stochastic))
+    if self.end_think_boost == 0:
+      key = dataclasses.replace(key, end_think=None, end_think_power=2.)
+    return key
 
   def replace(self, **changes) -> 'SamplingOptions':
     return dataclasses.replace(self, **changes)
@@ -155,8 +176,10 @@ class Canvas:
   prompt_BL bool prompt columns (masked in the CFG unconditional pass);
   step_BL int32 model call that committed each column (-1: never);
   blk_B int32 block index per row; seed_B uint32 random seed per row (its
-  key is `jax.random.key(seed)`); temp_B float32 temperature per row; calls_B int32 model calls in which the row had masked
-  positions; nfe int32 scalar model calls.
+  key is `jax.random.key(seed)`); temp_B float32 temperature per row;
+  limit_B int32 generation limit `G` per row in tokens (the end-of-thinking
+  boost's progress is measured against it); calls_B int32 model calls in
+  which the row had masked positions; nfe int32 scalar model calls.
   """
   x_BL: jax.Array
   pos_BL: jax.Array
@@ -166,6 +189,7 @@ class Canvas:
   blk_B: jax.Array
   seed_B: jax.Array
   temp_B: jax.Array
+  limit_B: jax.Array
   calls_B: jax.Array
   nfe: jax.Array
 
@@ -312,8 +336,12 @@ def denoise_block(cfg: ModelConfig, params, o: SamplingOptions, c: Canvas, activ
       logits_BWV = block_logits(cfg, params, o, c, start, W)
     key_B = jax.vmap(lambda seed, blk: jax.random.fold_in(
         jax.random.fold_in(jax.random.key(seed), blk), i))(c.seed_B, c.blk_B)
-    x0_BW, conf_BW, is_end_BW = candidates(cfg, o, logits_BWV, key_B, c.temp_B)
     masked_BW = masked(c)
+    if o.end_think_boost > 0:
+      logits_BWV = end_think.boost(
+          logits_BWV.astype(f32), c.x_BL, masked_BW, c.blk_B, c.limit_B, start=start,
+          marker=o.end_think, strength=o.end_think_boost, power=o.end_think_power)
+    x0_BW, conf_BW, is_end_BW = candidates(cfg, o, logits_BWV, key_B, c.temp_B)
     rank_BW = commit_rank(conf_BW, masked_BW, is_end_BW)
     if o.threshold is None:
       k_B = m_B // S + (i < m_B % S)
@@ -339,10 +367,11 @@ def reveal_block(c: Canvas, active_B, start: int, width: int) -> Canvas:
 # -- a whole batch in one program -----------------------------------------------
 
 def new_canvas(cfg: ModelConfig, o: SamplingOptions, prompt_BP, mask_BP, seed_B, temp_B,
-               pos_BP=None) -> Canvas:
+               pos_BP=None, limit_B=None) -> Canvas:
   """`[prompt | MASK * G]`: generated columns visible unless variable length.
 
-  `pos_BP` defaults to `0..P-1` (left padding included, as the reference).
+  `pos_BP` defaults to `0..P-1` (left padding included, as the reference);
+  `limit_B` (each row's generation limit) to `G = o.gen_length`.
   """
   b, p = prompt_BP.shape
   g = o.gen_length
@@ -356,8 +385,10 @@ def new_canvas(cfg: ModelConfig, o: SamplingOptions, prompt_BP, mask_BP, seed_B,
       visible_BL=jnp.concatenate([mask_BP, jnp.full((b, g), not o.variable_length)], 1),
       prompt_BL=jnp.broadcast_to(jnp.arange(l) < p, (b, l)),
       step_BL=jnp.full((b, l), -1, jnp.int32), blk_B=jnp.zeros((b,), jnp.int32),
-      seed_B=seed_B.astype(jnp.uint32), temp_B=temp_B.astype(f32), calls_B=jnp.zeros((b,), jnp.int32),
-      nfe=jnp.zeros((), jnp.int32))
+      seed_B=seed_B.astype(jnp.uint32), temp_B=temp_B.astype(f32),
+      limit_B=(jnp.full((b,), g, jnp.int32) if limit_B is None
+               else jnp.asarray(limit_B).astype(jnp.int32)),
+      calls_B=jnp.zeros((b,), jnp.int32), nfe=jnp.zeros((), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -399,7 +430,7 @@ def resolve_options(options: SamplingOptions | None, overrides) -> SamplingOptio
 
 
 def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None,
-           options: SamplingOptions | None = None, *, key=None, seeds=None,
+           options: SamplingOptions | None = None, *, key=None, seeds=None, tokenizer=None,
            **overrides) -> SampleOutput:
   """Samples a batch of left-padded prompts as one jitted program (SPEC §2).
 
@@ -411,13 +442,18 @@ def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None,
     key: PRNG key from which one uint32 seed per row is drawn (default key 0).
     seeds: optional ints `[B]` (taken mod 2^32): row `r` uses
       `jax.random.key(seeds[r])`, the key the engine gives a request with that seed.
+    tokenizer: encodes a text `end_think` marker (needed only when the boost is
+      on and the marker is text; `encode(str) -> ids`, `decode(ids) -> str`).
   With `variable_length`, `steps` counts steps per appended block and
   `gen_length` is capped at the model's `max_len` (whole blocks). If `params`
   live on a mesh, the batch is split over its data/fsdp axes (B must be
   divisible by their product) and weights stay where they are.
-  Raises ValueError if the canvas exceeds `cfg.max_len` or options are inconsistent.
+  The end-of-thinking boost measures progress against that (capped) `gen_length`.
+  Raises ValueError if the canvas exceeds `cfg.max_len`, options are
+  inconsistent, or the boost's marker is text without a tokenizer.
   """
-  o = resolve_options(options, overrides)
+  o = end_think.resolve(resolve_options(options, overrides), tokenizer)
+  end_think.check_ids(o, cfg.vocab_size)
   b, p = np.shape(prompt_BP)
   if o.variable_length:  # blocks are appended up to gen_length or the model's maximum length
     limit = min(o.gen_length, (cfg.max_len - p) // o.block_length * o.block_length)
@@ -445,7 +481,8 @@ def sample(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None,
 
 
 def generate(cfg: ModelConfig, params, prompt_BP, attention_mask_BP=None,
-             options: SamplingOptions | None = None, *, key=None, seeds=None, **overrides):
+             options: SamplingOptions | None = None, *, key=None, seeds=None, tokenizer=None,
+             **overrides):
   """Sampled ids int32 `[B, P + gen_length]`: `sample(...).tokens`."""
   return sample(cfg, params, prompt_BP, attention_mask_BP, options, key=key, seeds=seeds,
-                **overrides).tokens
+                tokenizer=tokenizer, **overrides).tokens

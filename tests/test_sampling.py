@@ -15,7 +15,8 @@ from helpers import ILLADA, LLADA, make_params, padded_prompts
 def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, steps,
                      temperature=0., cfg_scale=0., remasking='low_confidence',
                      logits_eos_inf=False, confidence_eos_eot_inf=False, key=None,
-                     margins=None):
+                     margins=None, variable_length=False, end_think=None, end_think_boost=0.,
+                     end_think_power=2., tally=None):
   """SPEC §2 step by step in NumPy (float64), full-sequence logits from `forward`.
 
   Returns the canvas after every step `[steps, B, L]`. The random draws come
@@ -25,21 +26,34 @@ def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, ste
   distance from a tie is appended to it: top-1 minus top-2 logit of every
   committed token, and (low-confidence remasking) the confidence of the last
   committed candidate minus the next one's.
+
+  `variable_length`: `steps` per block; a block is visible only once appended,
+  a row stops after the block in which it wrote EOS/EOT, and steps in which no
+  row is left are not run. `end_think` (ids) with `end_think_boost > 0`: the
+  end-of-thinking bonus, restated from SPEC §2 on the unrotated sequence; if
+  `tally` is a dict it counts, per step and row, 'contains' (the marker is
+  already in the generated part) or `j` (the length of the marker prefix
+  found right before the boosted position).
   """
   key = jax.random.key(0) if key is None else key
   b, p = prompt.shape
   l = p + gen_length
   x = np.concatenate([prompt, np.full((b, gen_length), cfg.mask_token_id)], 1)
-  am = np.concatenate([mask, np.ones((b, gen_length), np.int32)], 1)
+  am = np.concatenate([mask, np.full((b, gen_length), 0 if variable_length else 1)], 1)
   nb = gen_length // block_length
-  s_per_block = steps // nb
+  s_per_block = steps if variable_length else steps // nb
   ends = [t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None]
+  done = np.zeros(b, bool)
   canvases, s = [], 0
   for blk in range(nb):
     lo, hi = p + blk * block_length, p + (blk + 1) * block_length
-    m = (x[:, lo:hi] == cfg.mask_token_id).sum(1)
+    if variable_length:
+      am[~done, lo:hi] = 1
+    m = (x[:, lo:hi] == cfg.mask_token_id).sum(1) * ~done
     for i in range(s_per_block):
-      masked = x == cfg.mask_token_id
+      if done.all():
+        break
+      masked = (x == cfg.mask_token_id) & ~done[:, None]
       if cfg_scale > 0:
         un = x.copy()
         un[:, :p] = cfg.mask_token_id
@@ -48,6 +62,24 @@ def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, ste
         logits = lg[b:] + (cfg_scale + 1) * (lg[:b] - lg[b:])
       else:
         logits = np.asarray(illada_jax.forward(cfg, params, x, am), np.float64)
+      if end_think_boost > 0:
+        e = list(end_think)
+        for r in range(b):
+          open_q = [j for j in range(lo, hi) if masked[r, j]]
+          if not open_q:
+            continue
+          gen = list(x[r, p:])
+          if any(gen[t:t + len(e)] == e for t in range(len(gen) - len(e) + 1)):
+            if tally is not None:
+              tally['contains'] = tally.get('contains', 0) + 1
+            continue
+          q = open_q[0]
+          j = next((j for j in range(len(e) - 1, 0, -1)
+                    if q - p >= j and list(x[r, q - j:q]) == e[:j]), 0)
+          progress = min(max((q - p + 1) / gen_length, 0.), 1.)
+          logits[r, q, e[j]] += end_think_boost * progress ** end_think_power
+          if tally is not None:
+            tally[j] = tally.get(j, 0) + 1
       if logits_eos_inf:
         logits[:, :, cfg.eos_token_id] = -np.inf
       assert temperature == 0
@@ -76,12 +108,20 @@ def reference_sample(cfg, params, prompt, mask, *, gen_length, block_length, ste
             margins.append(conf[r, cand[k - 1]] - conf[r, cand[k]])
       canvases.append(x.copy())
       s += 1
+    if variable_length:
+      done |= np.isin(x[:, lo:hi], ends).any(1)
   return np.stack(canvases)
 
 
-def canvases_from(out, steps, mask_id):
-  """Canvas after each step, rebuilt from final tokens and commit steps."""
+def canvases_from(out, steps, mask_id, p=None):
+  """Canvas after each step, rebuilt from final tokens and commit steps.
+
+  With the prompt width `p`, generated positions never committed (variable
+  length: never appended) stay MASK.
+  """
   tokens, step = np.asarray(out.tokens), np.asarray(out.commit_step)
+  if p is not None:
+    step = np.where((step < 0) & (np.arange(step.shape[1]) >= p), np.iinfo(np.int32).max, step)
   return np.stack([np.where(step <= s, tokens, mask_id) for s in range(steps)])
 
 
@@ -121,6 +161,62 @@ def test_matches_reference_step_by_step(name):
     assert ends.any()  # the option is exercised: EOS/EOT were committed last
     plain = sampling.generate(cfg, params, prompt, mask, **{**kw, 'confidence_eos_eot_inf': False})
     assert not np.array_equal(np.asarray(plain), np.asarray(out.tokens))
+
+
+# Marker (ids) and sampler arguments, params seed and EOS/EOT boost. Row 0's prompt ends
+# with `61 61`: only generated tokens may count as a written marker prefix (q - P >= j).
+BOOST_CASES = {
+    # One token per step: partial markers of 1 and 2 tokens before q, then rows that contain it.
+    'fixed': (dict(gen_length=12, block_length=4, steps=12, end_think=(61, 62, 63),
+                   end_think_boost=60., end_think_power=2.), 2, 0.),
+    # A repeated marker token: after `61 61` the next is e_2 (the largest j), not e_1;
+    # rows stop on EOS/EOT at different blocks.
+    'variable': (dict(gen_length=8, block_length=4, steps=4, variable_length=True,
+                      end_think=(61, 61, 62), end_think_boost=200., end_think_power=1.), 1, 0.5),
+}
+
+
+@pytest.mark.parametrize('name', list(BOOST_CASES))
+def test_end_think_boost_matches_reference_step_by_step(name):
+  kw, seed, end_boost = BOOST_CASES[name]
+  params = make_params(LLADA, seed=seed, end_boost=end_boost)
+  prompt, mask = padded_prompts(LLADA)
+  prompt[0, -2:] = 61
+  p = prompt.shape[1]
+  out = sampling.sample(LLADA, params, prompt, mask, **kw)
+  margins, tally = [], {}
+  want = reference_sample(LLADA, params, prompt, mask, margins=margins, tally=tally, **kw)
+  assert min(margins) > 1e-4, min(margins)
+  got = canvases_from(out, int(out.nfe), LLADA.mask_token_id, p)
+  assert got.shape == want.shape
+  for s in range(len(want)):
+    np.testing.assert_array_equal(got[s], want[s], err_msg=f'step {s}')
+  # The rule's branches were all taken: no prefix, 1- and 2-token prefixes, marker written.
+  assert {0, 1, 2, 'contains'} <= set(tally), tally
+  off = sampling.generate(LLADA, params, prompt, mask, **{**kw, 'end_think_boost': 0.})
+  assert not np.array_equal(np.asarray(off), np.asarray(out.tokens))  # the boost changed tokens
+  if kw.get('variable_length'):
+    assert np.asarray(out.done).any() and not np.asarray(out.done).all()
+
+
+def test_end_think_text_is_encoded_with_the_tokenizer():
+  class Words:  # 'w{i}' is id 60 + i
+    def encode(self, text):
+      return [60 + int(w[1:]) for w in text.split()]
+
+    def decode(self, ids):
+      return ' '.join(f'w{i - 60}' for i in ids)
+
+  params = make_params(LLADA)
+  prompt, mask = padded_prompts(LLADA, b=1)
+  kw = dict(gen_length=4, block_length=4, steps=4, end_think_boost=50.)
+  by_ids = sampling.generate(LLADA, params, prompt, mask, end_think=(61, 62), **kw)
+  by_text = sampling.generate(LLADA, params, prompt, mask, end_think='w1 w2', tokenizer=Words(), **kw)
+  np.testing.assert_array_equal(by_text, by_ids)
+  with pytest.raises(ValueError, match='end_think.*needs a tokenizer'):
+    sampling.generate(LLADA, params, prompt, mask, end_think='w1 w2', **kw)
+  with pytest.raises(ValueError, match=r'end_think: ids \[95\] outside'):
+    sampling.generate(LLADA, params, prompt, mask, end_think=(61, 95), **kw)
 
 
 def test_commit_counts_per_step():
@@ -246,9 +342,10 @@ def test_kv_window_equals_full_hidden():
 
 @pytest.mark.parametrize('cache', [None, 'dual', 'prefix'])
 def test_threshold_one_with_fresh_cache_equals_fixed(cache):
+  """With the end-of-thinking boost on: threshold and caches add it at every step too."""
   params = make_params(LLADA)
   prompt, mask = padded_prompts(LLADA)
-  kw = dict(gen_length=8, block_length=4)
+  kw = dict(gen_length=8, block_length=4, end_think=(61, 62), end_think_boost=30.)
   want = sampling.sample(LLADA, params, prompt, mask, steps=8, **kw)
   got = sampling.sample(LLADA, params, prompt, mask, steps=8, threshold=1.0, cache=cache,
                         cache_refresh=1, **kw)
