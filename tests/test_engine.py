@@ -56,6 +56,27 @@ def test_each_request_equals_sample_alone(mode):
   assert eng.stats.blocks < 3 * blocks_per_request * 2
 
 
+def test_end_think_boost_with_per_request_limits_equals_sample_alone():
+  """max_len 64, blocks of 8: a 19-token prompt may generate 40 tokens, a 13-token one 48,
+  and the boost's progress is measured against each request's own limit."""
+  params = make_params(LLADA)
+  marker = (61, 62, 63)
+  o = SamplingOptions(gen_length=48, block_length=8, steps=4, variable_length=True,
+                      end_think=marker, end_think_boost=200., end_think_power=1.)
+  reqs = requests(o, 5, seed=2, lengths=(13, 19))
+  eng = engine.Engine(LLADA, params, slots=2, buckets=(32,))
+  got = {c.id: c for c in eng.generate(reqs)}
+  written = 0
+  for r in reqs:
+    want = alone(params, r)
+    assert got[r.id].token_ids == want, r.id
+    written += any(tuple(want[i:i + 3]) == marker for i in range(len(want)))
+  assert written >= 3  # the boost wrote the marker
+  # Both limits were reached: 48 tokens after 13 prompt tokens, 40 after 19.
+  assert {(len(r.prompt_ids), len(got[r.id].token_ids)) for r in reqs
+          if got[r.id].finish_reason == 'length'} == {(13, 48), (19, 40)}
+
+
 def test_random_draws_follow_the_request_not_its_row():
   params = make_params(LLADA)
   o = SamplingOptions(gen_length=12, block_length=4, steps=6, variable_length=True,
