@@ -98,9 +98,14 @@ class ScoreRequest:
 
 @dataclasses.dataclass
 class Scored:
-  """`score`: MC estimate of `log p(continuation | context)`, or the confidence score."""
+  """`score`: MC estimate of `log p(continuation | context)`, or the confidence score.
+
+  is_greedy: lm-eval's greedy flag (suffix greedy prediction) when the
+  request's options ask for it (`check_greedy`), else None.
+  """
   id: Any
   score: float
+  is_greedy: bool | None = None
 
 
 @dataclasses.dataclass
@@ -379,7 +384,7 @@ class Engine:
 
   # -- scoring -----------------------------------------------------------------
   def _score_row(self, o: ScoringOptions) -> tuple[tuple, tuple]:
-    return scoring.confidence_affixes(self.cfg) if o.method == 'confidence' else ((), ())
+    return scoring.affixes(self.cfg, o.add_bos, o.padd_eos)
 
   def check_score(self, request: ScoreRequest) -> None:
     """Raises ValueError (naming the reason) if the request cannot be scored."""
@@ -394,8 +399,9 @@ class Engine:
 
     Rows per call: `slots` (confidence) or `slots // mc_batch` requests of
     `mc_batch` rows (MC); a short batch is filled with copies whose scores
-    are dropped. Yields results batch by batch. Raises ValueError for a
-    request that cannot be scored, before anything is computed.
+    are dropped. With `check_greedy`, the same batch also gets its
+    `is_greedy` flags. Yields results batch by batch. Raises ValueError for
+    a request that cannot be scored, before anything is computed.
     """
     groups: dict = collections.OrderedDict()
     for req in requests:
@@ -414,17 +420,20 @@ class Engine:
           part = reqs[lo:lo + per_call]
           full = part + [part[-1]] * (per_call - len(part))
           pairs = [(r.context_ids, r.continuation_ids) for r in full]
+          rows = dict(add_bos=o.add_bos, padd_eos=o.padd_eos, cfg_scale=o.cfg_scale,
+                      length=length, answer=answer)
           if o.method == 'mc':
             out = scoring.mc_log_likelihood(
                 self.cfg, self.params, pairs, mc_num=o.mc_num, batch_size=o.mc_batch,
-                cfg_scale=o.cfg_scale, seeds=[r.seed for r in full], length=length,
-                answer=answer)
+                seeds=[r.seed for r in full], **rows)
           else:
-            out = scoring.confidence_score(self.cfg, self.params, pairs, length=length,
-                                           answer=answer)
+            out = scoring.confidence_score(self.cfg, self.params, pairs, **rows)
+          greedy = [None] * len(part)
+          if o.check_greedy:
+            greedy = [bool(g) for g in scoring.greedy_match(self.cfg, self.params, pairs, **rows)]
           self.stats.blocks += 1
-          for r, value in zip(part, out):
+          for r, value, g in zip(part, out, greedy):
             self.stats.requests += 1
-            yield Scored(r.id, float(value))
+            yield Scored(r.id, float(value), g)
     finally:
       self.stats.seconds += time.perf_counter() - start
