@@ -171,6 +171,27 @@ def empty_canvas(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket:
       jnp.zeros((slots,), jnp.uint32), jnp.zeros((slots,), jnp.float32)))
 
 
+def block_inputs(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket: int):
+  """NumPy zeros for `block_program`'s inputs after `params`: an idle pool."""
+  n = slots
+  return (empty_canvas(cfg, options, n, bucket), np.zeros((n,), bool),
+          np.zeros((n, bucket), np.int32), np.zeros((n, bucket), bool),
+          np.zeros((n,), np.uint32), np.zeros((n,), np.float32), np.zeros((n,), bool))
+
+
+def abstract_block_inputs(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket: int,
+                          mesh=None):
+  """`jax.ShapeDtypeStruct`s of `block_program`'s inputs after `params`, slots split over
+  the mesh's batch axes: with `model.abstract_params`, enough to compile ahead of time."""
+  def spec(a):
+    if mesh is None:
+      return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+    names = ('act_batch',) + (None,) * (np.ndim(a) - 1) if np.ndim(a) else ()
+    return jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=jax.NamedSharding(
+        mesh, sharding.logical_to_spec(names)))
+  return jax.tree.map(spec, block_inputs(cfg, options, slots, bucket))
+
+
 class Engine:
   """Continuously batched generation over a fixed pool of slots.
 
@@ -283,7 +304,7 @@ class Engine:
     smaller = [queues[b] for b in sorted(queues, reverse=True) if b < bucket]
     program = self._program(o, bucket)
     n, w = self.slots, o.block_length
-    canvas = self._put(empty_canvas(self.cfg, o, n, bucket))
+    canvas = self._put(block_inputs(self.cfg, o, n, bucket)[0])
     live: list[_Live | None] = [None] * n
     own_live = 0
     while own or any(live):
