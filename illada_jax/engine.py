@@ -331,14 +331,14 @@ class Engine:
       inputs = self._put((admit, prompt, mask, seeds, temps, active))
       canvas, block_BW, calls_B = program(self.params, canvas, *inputs)
       wait = time.perf_counter()
-      block_BW, calls_B = np.asarray(block_BW), np.asarray(calls_B)
+      block_BW, calls_B = np.asarray(block_BW).tolist(), np.asarray(calls_B).tolist()
       self.stats.wait_seconds += time.perf_counter() - wait
       self.stats.blocks += 1
       for s, x in enumerate(live):
         if x is None:
           continue
-        x.tokens.extend(int(t) for t in block_BW[s])
-        x.steps = int(calls_B[s])
+        x.tokens.extend(block_BW[s])
+        x.steps = calls_B[s]
         done = self._finish(x)
         if done is not None:
           own_live -= self.bucket_of(len(x.request.prompt_ids)) == bucket
