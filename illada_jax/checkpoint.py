@@ -158,14 +158,14 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
   With `mesh`, every array is restored directly into its shards (the target
   carries `param_shardings(cfg, mesh, rules)`; each device reads only its
-  slice). Without, arrays land on the first device. If `cfg.scan_layers` is
+  slice). Without, arrays land on this process's first device. If `cfg.scan_layers` is
   False the tree is returned in the `layers_{i}` layout.
   """
   path = os.path.abspath(path)
   cfg = load_config(path)
   stored_cfg = cfg.replace(scan_layers=True)
   if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             model_lib.abstract_params(stored_cfg))
   else:

@@ -177,6 +177,27 @@ def empty_canvas(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket:
       jnp.zeros((slots,), jnp.uint32), jnp.zeros((slots,), jnp.float32)))
 
 
+def block_inputs(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket: int):
+  """NumPy zeros for `block_program`'s inputs after `params`: an idle pool."""
+  n = slots
+  return (empty_canvas(cfg, options, n, bucket), np.zeros((n,), bool),
+          np.zeros((n, bucket), np.int32), np.zeros((n, bucket), bool),
+          np.zeros((n,), np.uint32), np.zeros((n,), np.float32), np.zeros((n,), bool))
+
+
+def abstract_block_inputs(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket: int,
+                          mesh=None):
+  """`jax.ShapeDtypeStruct`s of `block_program`'s inputs after `params`, slots split over
+  the mesh's batch axes: with `model.abstract_params`, enough to compile ahead of time."""
+  def spec(a):
+    if mesh is None:
+      return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+    names = ('act_batch',) + (None,) * (np.ndim(a) - 1) if np.ndim(a) else ()
+    return jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=jax.NamedSharding(
+        mesh, sharding.logical_to_spec(names)))
+  return jax.tree.map(spec, block_inputs(cfg, options, slots, bucket))
+
+
 class Engine:
   """Continuously batched generation over a fixed pool of slots.
 
@@ -295,7 +316,7 @@ class Engine:
     smaller = [queues[b] for b in sorted(queues, reverse=True) if b < bucket]
     program = self._program(o, bucket)
     n, w = self.slots, o.block_length
-    canvas = self._put(empty_canvas(self.cfg, o, n, bucket))
+    canvas = self._put(block_inputs(self.cfg, o, n, bucket)[0])
     live: list[_Live | None] = [None] * n
     own_live = 0
     while own or any(live):
@@ -324,14 +345,14 @@ class Engine:
       inputs = self._put((admit, prompt, mask, seeds, temps, limits, active))
       canvas, block_BW, calls_B = program(self.params, canvas, *inputs)
       wait = time.perf_counter()
-      block_BW, calls_B = np.asarray(block_BW), np.asarray(calls_B)
+      block_BW, calls_B = np.asarray(block_BW).tolist(), np.asarray(calls_B).tolist()
       self.stats.wait_seconds += time.perf_counter() - wait
       self.stats.blocks += 1
       for s, x in enumerate(live):
         if x is None:
           continue
-        x.tokens.extend(int(t) for t in block_BW[s])
-        x.steps = int(calls_B[s])
+        x.tokens.extend(block_BW[s])
+        x.steps = calls_B[s]
         done = self._finish(x)
         if done is not None:
           own_live -= self.bucket_of(len(x.request.prompt_ids)) == bucket

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the train and sampler steps for a TPU topology (on CPU)."""
+"""Ahead-of-time compilation of the train step and the engine's block program for a TPU topology."""
 
 import importlib.util
 import os
@@ -34,7 +34,8 @@ def test_small_preset_compiles_for_v5p_8(capsys):
   with jax.default_matmul_precision('default'):
     row = aot.try_batch(args, devices, hbm, per_device_batch=2)
     cfg = aot.train_config(args, len(devices), 1)
-    compiled = aot.compile_sampler_step(cfg, devices, batch=4, prompt=64, gen=32)
+    compiled = aot.compile_engine_block(cfg.model, devices, 'data=4', slots=8, bucket=32,
+                                        gen=32, block=8)
   assert row['error'] is None and row['fits']
   mem = row['memory_gib']
   assert 0 < mem['peak'] < 1 and mem['argument'] > 0

@@ -174,3 +174,65 @@ def test_scoring_through_the_engine_is_independent_of_companions():
   got = {s.id: s.score for s in engine.Engine(LLADA, params, slots=3).score(conf)}
   want = scoring.confidence_score(LLADA, params, [(r.context_ids, r.continuation_ids) for r in reqs])
   np.testing.assert_allclose([got[i] for i in range(7)], want, rtol=1e-5)
+
+
+def _byte_bpe(path, specials):
+  """A byte-level BPE `tokenizer.json` of 300 ids trained here on a little English."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  words = ('question answer the of a number is what and then we add two more so it to be '
+           'first second next last step sum total').split()
+  rng = np.random.default_rng(0)
+  corpus = [' '.join(rng.choice(words, 12)) + ' Question: ' + ' '.join(rng.choice(words, 6))
+            for _ in range(400)]
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=specials,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(path))
+  from illada_jax import text_tokenizer
+  return text_tokenizer.load(str(path))
+
+
+def test_stop_strings_are_found_in_the_text_not_by_standalone_ids(tmp_path):
+  import illada_jax
+  from helpers import SPECIALS
+  tok = _byte_bpe(tmp_path / 'tokenizer.json', SPECIALS)
+  cfg = illada_jax.get_preset('llada_tiny').replace(
+      num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_hidden=96,
+      vocab_size=320, max_len=64, mask_token_id=310, bos_token_id=0, eos_token_id=2,
+      pad_token_id=1, eot_token_id=4, param_dtype='float32', compute_dtype='float32',
+      remat_policy='none')  # ids 300.. are padded embedding rows beyond the tokenizer
+  params = jax.tree.map(lambda x: x * 3, illada_jax.init_params(cfg, jax.random.key(0)))
+  # Larger head columns for the learned merges (262..299, mostly words) so text has words.
+  params['lm_head'] = params['lm_head'].at[:, 262:300].multiply(2.)
+  o = SamplingOptions(gen_length=24, block_length=8, steps=8, variable_length=True)
+  eng = engine.Engine(cfg, params, tokenizer=tok, slots=2, buckets=(16,))
+  reqs = [engine.Request(i, tuple(tok.encode(text)), o, seed=i) for i, text in
+          enumerate(['what is the sum', 'first we add two', 'the number is'])]
+  free = {c.id: c for c in eng.generate(reqs)}
+  assert all(t < 300 for c in free.values() for t in c.token_ids)  # padded rows never sampled
+  # A stop string whose standalone ids differ from its ids in the generated text: two
+  # tokens, the first with its leading space dropped (byte-level BPE marks it in the id).
+  found = None
+  for c in free.values():
+    ids = c.token_ids
+    for k in range(1, len(ids) - 2):
+      s = tok.decode(ids[k:k + 2])
+      if s.startswith(' ') and len(s) > 3 and all(ch.isalpha() or ch == ' ' for ch in s[1:]):
+        found = (c, s[1:])
+        break
+    if found:
+      break
+  assert found, 'the random model should write two spaced words somewhere'
+  c, stop = found
+  standalone = tok.encode(stop)
+  assert not any(c.token_ids[j:j + len(standalone)] == standalone
+                 for j in range(len(c.token_ids)))  # id matching would miss it
+  req = engine.Request(c.id, reqs[c.id].prompt_ids, o, stop=('never there', stop), seed=c.id)
+  done = next(engine.Engine(cfg, params, tokenizer=tok, slots=1, buckets=(16,)).generate([req]))
+  assert done.finish_reason == 'stop'
+  assert done.text == c.text[:c.text.index(stop)]
+  assert tok.decode(done.token_ids).startswith(done.text)
+  assert done.generated <= c.generated

@@ -1,14 +1,19 @@
-"""Compile the real train step (and a sampler step) for a TPU topology, on this CPU.
+"""Compile the real train step (and the batch engine's block program) for a TPU topology, on this CPU.
 
   python tools/aot_compile.py --preset illada_8b --topology v5p-256 --seq-len 8192 \
       --per-device-batch 16
   python tools/aot_compile.py --preset illada_8b --topology v6e-256 --seq-len 8192 --search
+  python tools/aot_compile.py --preset illada_8b --topology v5p-8 --mesh data=4 \
+      --per-device-batch 0 --engine --search
 
 Nothing runs: `jax.jit(...).lower(abstract inputs).compile()` against the
 topology's devices (libtpu is the compiler) catches sharding errors and
 out-of-memory before any TPU time is spent. Prints per-chip argument,
 output, temporary and peak memory against the chip's HBM. `--search`
-doubles then bisects the per-device batch to the largest that fits.
+doubles then bisects the per-device batch to the largest that fits, and
+doubles the engine's slots from `--slots` while its block program fits
+(the engine program is built only from public functions:
+`engine.block_program`, `engine.abstract_block_inputs`, `model.abstract_params`).
 
 State layout of the plan: fsdp over every chip, float32 master weights and
 AdamW moments, bfloat16 matmuls, full remat per layer, splash attention, the
@@ -34,9 +39,11 @@ from jax.experimental import topologies  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from illada_jax import get_preset, sharding  # noqa: E402
+from illada_jax import engine, get_preset, sharding  # noqa: E402
+from illada_jax import model as model_lib  # noqa: E402
 from illada_jax import optimizer as opt_lib  # noqa: E402
 from illada_jax import train as train_lib  # noqa: E402
+from illada_jax.sampling import SamplingOptions  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -88,19 +95,56 @@ def compile_train_step(cfg: train_lib.TrainConfig, devices):
   return step.lower(abstract_state, batch).compile()
 
 
-def compile_sampler_step(cfg: train_lib.TrainConfig, devices, batch: int, prompt: int, gen: int):
-  """One fixed-step `generate` call (block = gen, 1 step) for the bf16 model."""
-  from illada_jax import model as model_lib
-  from illada_jax import sampling
-  mcfg = cfg.model.replace(param_dtype='bfloat16', remat_policy='none')
-  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
-  params = model_lib.abstract_params(mcfg, mesh)
-  spec = jax.NamedSharding(mesh, sharding.logical_to_spec(('act_batch', None)))
-  prompt_BP = jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=spec)
-  mask_BP = jax.ShapeDtypeStruct((batch, prompt), jnp.bool_, sharding=spec)
-  o = sampling.SampleOptions(gen_length=gen, block_length=gen, steps=1)
-  fn = jax.jit(sampling._sample, static_argnums=(0, 1, 2))
-  return fn.lower(mcfg, mesh, o, params, prompt_BP, mask_BP, jax.random.key(0)).compile()
+def engine_options(gen: int, block: int) -> SamplingOptions:
+  """The settings compiled for the engine: variable length, threshold 0.9 + dual cache."""
+  return SamplingOptions(gen_length=gen, block_length=block, variable_length=True,
+                         threshold=0.9, cache='dual')
+
+
+def compile_engine_block(model_cfg, devices, mesh_spec: str, slots: int, bucket: int, gen: int,
+                         block: int = 32):
+  """The engine's block program (`engine.block_program`) for bf16 weights, public API only."""
+  mcfg = model_cfg.replace(param_dtype='bfloat16', compute_dtype='bfloat16', remat_policy='none')
+  mesh = sharding.make_mesh(mesh_spec, devices=devices)
+  o = engine_options(gen, block)
+  args = (model_lib.abstract_params(mcfg, mesh),
+          *engine.abstract_block_inputs(mcfg, o, slots, bucket, mesh))
+  return engine.block_program(mcfg, o, bucket, mesh).lower(*args).compile()
+
+
+def engine_slots(args, devices, hbm) -> dict | None:
+  """Doubles the slot count from `--slots` while the block program fits in HBM; prints each."""
+  best, slots = None, args.slots
+  while True:
+    t = time.perf_counter()
+    try:
+      mem = memory(compile_engine_block(get_preset(args.preset), devices, args.mesh, slots,
+                                        args.prompt_bucket, args.gen, args.block))
+      fits = hbm is None or mem['peak'] * GiB <= hbm
+      err = None
+    except Exception as e:  # noqa: BLE001  (a compile-time OOM is an answer here)
+      mem, fits, err = None, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+    what = (f'{args.preset} {args.topology} engine block program, {slots} slots, prompt bucket '
+            f'{args.prompt_bucket} + gen {args.gen}, block {args.block}, tau 0.9 + dual cache, '
+            f'mesh {args.mesh}')
+    if mem is None:
+      print(f'{what}: does not compile: {err}', flush=True)
+    else:
+      hbm_txt = f' / HBM {hbm / GiB:.0f} GiB' if hbm else ''
+      print(f'{what}: peak {mem["peak"]:.2f} GiB{hbm_txt} per chip (arguments '
+            f'{mem["argument"]:.2f}, temporaries {mem["temp"]:.2f}); '
+            f'{"fits" if fits else "does not fit"} '
+            f'(compiled in {time.perf_counter() - t:.0f} s)', flush=True)
+    if not fits:
+      break
+    best = {'slots': slots, 'memory_gib': mem}
+    if not args.search:
+      break
+    slots *= 2
+  if best:
+    print(f'picked {best["slots"]} slots: peak {best["memory_gib"]["peak"]:.2f} GiB per chip',
+          flush=True)
+  return best
 
 
 def memory(compiled) -> dict[str, float]:
@@ -182,8 +226,13 @@ def main(argv=None) -> int:
   ap.add_argument('--param-dtype', default='float32')
   ap.add_argument('--state-dtype', default='float32', help='AdamW first-moment dtype')
   ap.add_argument('--loss-chunk', type=int, default=256)
-  ap.add_argument('--sampler', action='store_true',
-                  help='also compile one sampler step (batch = chips, prompt 1024, gen 256)')
+  ap.add_argument('--engine', action='store_true',
+                  help="also compile the batch engine's block program (bf16 weights); with "
+                       '--search, double --slots while it fits')
+  ap.add_argument('--slots', type=int, default=64, help='engine slots (the first tried)')
+  ap.add_argument('--prompt-bucket', type=int, default=1024, help='engine prompt bucket')
+  ap.add_argument('--gen', type=int, default=1024, help='engine generation limit')
+  ap.add_argument('--block', type=int, default=32, help='engine block length')
   ap.add_argument('--json', default=None, help='append result rows to this JSONL file')
   args = ap.parse_args(argv)
 
@@ -196,16 +245,11 @@ def main(argv=None) -> int:
     rows = search(args, devices, hbm, args.per_device_batch)
   elif args.per_device_batch > 0:
     rows = [try_batch(args, devices, hbm, args.per_device_batch)]
-  else:  # --per-device-batch 0: the sampler only
+  else:  # --per-device-batch 0: the engine only
     rows = []
-  if args.sampler:
-    cfg = train_config(args, len(devices), 1)
-    t = time.perf_counter()
-    mem = memory(compile_sampler_step(cfg, devices, len(devices), 1024, 256))
-    print(f'sampler step (batch {len(devices)}, prompt 1024 + gen 256, bf16 params): '
-          f'peak {mem["peak"]:.2f} GiB per chip (compiled in {time.perf_counter() - t:.0f}s)',
-          flush=True)
-    rows.append({'sampler': True, 'memory_gib': mem})
+  if args.engine:
+    best = engine_slots(args, devices, hbm)
+    rows.append({'engine': True, 'fits': best is not None, **(best or {})})
   if args.json:
     with open(args.json, 'a') as f:
       for r in rows:

@@ -1,0 +1,158 @@
+"""JSONL jobs: resume after a kill, torn lines, bad records, input order, several processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from illada_jax import jobs
+
+from helpers import read_jsonl, word_checkpoint, write_jsonl
+
+
+def _records(tmp_path, rows):
+  return jobs.read_records(write_jsonl(tmp_path / 'in.jsonl', rows))
+
+
+def _fake(fail_after=None):
+  """prepare/execute that 'complete' records in reverse order, optionally dying midway."""
+  def prepare(r):
+    if 'prompt' not in r.data:
+      raise ValueError('expected a "prompt"')
+    return r
+
+  def execute(items):
+    for k, r in enumerate(reversed(items)):
+      if fail_after is not None and k == fail_after:
+        raise KeyboardInterrupt
+      yield r.id, {'echo': r.data['prompt'].upper()}, 1, 2
+  return prepare, execute
+
+
+def test_interrupted_job_resumes_to_the_uninterrupted_file(tmp_path):
+  rows = [{'prompt': f'p{i}'} for i in range(6)] + [{'id': 'z', 'prompt': 'last'}]
+  records = _records(tmp_path, rows)
+  whole = tmp_path / 'whole.jsonl'
+  s = jobs.run(records, str(whole), *_fake(), progress=False, log=lambda m: None)
+  assert (s.done, s.output_tokens, s.generated_tokens) == (7, 7, 14)
+  assert [r['id'] for r in read_jsonl(whole)] == [1, 2, 3, 4, 5, 6, 'z']  # input order
+  out = tmp_path / 'out.jsonl'
+  with pytest.raises(KeyboardInterrupt):
+    jobs.run(records, str(out), *_fake(fail_after=3), progress=False, log=lambda m: None)
+  assert len(read_jsonl(out)) == 3  # flushed as they finished
+  with open(out, 'a') as f:
+    f.write('{"id": 2, "echo": "P')  # a write cut by the kill
+  s = jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  assert (s.skipped, s.done) == (3, 4)
+  assert out.read_bytes() == whole.read_bytes()
+  s = jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  assert (s.skipped, s.done) == (7, 0) and out.read_bytes() == whole.read_bytes()
+
+
+def test_bad_records_are_named_and_skipped_or_stop_the_job(tmp_path):
+  rows = [{'prompt': 'a'}, '{"prompt": ', '[1, 2]', {'no': 'prompt'}, {'id': 'k', 'prompt': 'b'},
+          {'id': 'k', 'prompt': 'again'}, {'id': True, 'prompt': 'c'}]
+  records = _records(tmp_path, rows)
+  logged = []
+  out = tmp_path / 'out.jsonl'
+  s = jobs.run(records, str(out), *_fake(), progress=False, log=logged.append)
+  got = {r['id']: r for r in read_jsonl(out)}
+  src = str(tmp_path / 'in.jsonl')
+  assert got[2]['error'].startswith(f'{src}:2: invalid JSON')
+  assert got[3]['error'] == f'{src}:3: expected a JSON object'
+  assert got[4]['error'] == f'{src}:4: expected a "prompt"'
+  assert got[7]['error'] == f'{src}:7: "id" must be a string or an integer'
+  assert got[1]['echo'] == 'A' and got['k']['echo'] == 'B'
+  assert any(f'{src}:6: duplicate id' in m for m in logged)  # no record: the id is taken
+  assert s.errors == 5 and s.done == 2
+  with pytest.raises(jobs.JobError, match=f'{src}:2: invalid JSON'):
+    jobs.run(records, str(tmp_path / 'stop.jsonl'), *_fake(), on_error='stop', progress=False)
+
+
+def test_parts_of_several_processes_merge_in_input_order(tmp_path):
+  records = _records(tmp_path, [{'prompt': f'p{i}'} for i in range(5)])
+  out = str(tmp_path / 'out.jsonl')
+  for i in (1, 0):  # process 0 merges once both parts exist (the barrier's job)
+    s = jobs.run(records, out, *_fake(), process_index=i, process_count=2, progress=False,
+                 log=lambda m: None)
+    assert s.total == (3 if i == 0 else 2)
+  assert [r['id'] for r in read_jsonl(out)] == [1, 2, 3, 4, 5]
+  assert not [p for p in os.listdir(tmp_path) if '.part-' in p]
+
+
+# -- the real CLI -----------------------------------------------------------------
+
+FLAGS = ['--gen-length', '8', '--block-length', '4', '--steps', '4', '--variable-length',
+         '--slots', '2', '--no-progress']
+
+
+def _cli(*args, env_extra=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             **(env_extra or {}))
+  return subprocess.Popen([sys.executable, '-m', 'illada_jax.cli.sample', *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_cli_killed_midway_resumes_and_matches_an_uninterrupted_run(tmp_path):
+  path, _ = word_checkpoint(str(tmp_path))
+  prompts = write_jsonl(tmp_path / 'in.jsonl', [
+      {'prompt': ' '.join(f'w{(7 * i + j) % 50}' for j in range(1 + i % 5))} for i in range(240)])
+  whole = tmp_path / 'whole.jsonl'
+  proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(whole), *FLAGS)
+  log = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, log[-2000:]
+  assert 'output' in log and 'computed' in log and 'tok/s' in log  # the summary line
+  out = tmp_path / 'out.jsonl'
+  proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(out), *FLAGS)
+  deadline = time.time() + 600
+  while not (out.exists() and len(out.read_text().splitlines()) >= 4):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  written = out.read_text().splitlines()
+  assert 4 <= len(written) < 240
+  with open(out, 'a') as f:
+    f.write('{"id": 99, "completion": "w1 w')  # torn by the kill
+  proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(out), *FLAGS)
+  log = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, log[-2000:]
+  assert f'{len(written)} already written' in log
+  assert out.read_bytes() == whole.read_bytes()
+  assert [r['id'] for r in read_jsonl(out)] == list(range(1, 241))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_records_of_one(tmp_path):
+  path, _ = word_checkpoint(str(tmp_path))
+  prompts = write_jsonl(tmp_path / 'in.jsonl', [
+      {'prompt': ' '.join(f'w{(3 * i + j) % 50}' for j in range(1 + i % 4)), 'seed': i}
+      for i in range(9)])
+  flags = [*FLAGS, '--temperature', '0.7', '--mesh', 'data=2']
+  one = tmp_path / 'one.jsonl'
+  proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(one), *flags)
+  log = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, log[-2000:]
+  two = tmp_path / 'two.jsonl'
+  port = _free_port()
+  procs = [_cli('--ckpt', path, '--prompts', prompts, '--out', str(two), *flags,
+                '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id',
+                str(i)) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert '5 requests' in logs[0] and '4 requests' in logs[1]  # records i mod 2
+  assert two.read_bytes() == one.read_bytes()
+  assert not [p for p in os.listdir(tmp_path) if '.part-' in p]
