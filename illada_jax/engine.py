@@ -182,7 +182,8 @@ def block_inputs(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket:
   n = slots
   return (empty_canvas(cfg, options, n, bucket), np.zeros((n,), bool),
           np.zeros((n, bucket), np.int32), np.zeros((n, bucket), bool),
-          np.zeros((n,), np.uint32), np.zeros((n,), np.float32), np.zeros((n,), bool))
+          np.zeros((n,), np.uint32), np.zeros((n,), np.float32), np.zeros((n,), np.int32),
+          np.zeros((n,), bool))
 
 
 def abstract_block_inputs(cfg: ModelConfig, options: SamplingOptions, slots: int, bucket: int,
