@@ -287,9 +287,16 @@ def scoring_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
   """`prepare` / `execute` for `run`: score a `continuation`, or each of `choices`.
 
   A record has `context` and `continuation` (a string) or `choices` (strings;
-  an integer `answer` grades the prediction). Results: `scores` (one per
+  an integer `answer` grades the prediction). Context and continuation are
+  encoded separately, as written (the lm-eval adapter instead splits the joined
+  text as lm-eval's models do: `prompts.encode_pair`); `add_bos=None` takes the
+  checkpoint's `add_bos_token`. Results: `scores` (one per
+  continuation), with `check_greedy` also `greedy` (lm-eval's is_greedy per
   continuation), and with choices `prediction` (argmax) and `correct`.
   """
+  if options.add_bos is None:
+    options = options.replace(add_bos=fmt.add_bos)
+
   def prepare(r: Record):
     d = r.data
     if not isinstance(d.get('context'), str):
@@ -302,14 +309,12 @@ def scoring_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
       conts = (d['continuation'],)
     else:
       raise ValueError('expected a "continuation" string or a "choices" list')
-    # Confidence scoring puts BOS before the context itself (as the reference).
-    ctx = (tokenizer.encode(d['context']) if options.method == 'confidence'
-           else fmt.encode(tokenizer, engine.cfg, d['context']))
+    ctx = tuple(tokenizer.encode(d['context']))
     base = request_seed(seed, r.id, d)
     reqs = []
     for j, text in enumerate(conts):
-      req = engine_lib.ScoreRequest((r.id, j), tuple(ctx), tuple(tokenizer.encode(text)),
-                                    options, (base + j) % 2 ** 32)
+      req = engine_lib.ScoreRequest((r.id, j), ctx, tuple(tokenizer.encode(text)), options,
+                                    (base + j) % 2 ** 32)
       engine.check_score(req)
       reqs.append(req)
     return r.id, reqs, 'choices' in d, d.get('answer')
@@ -320,12 +325,14 @@ def scoring_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
     for scored in engine.score(flat):
       rid, j = scored.id
       reqs, choices, answer, got = pending[rid]
-      got[j] = scored.score
+      got[j] = scored
       if len(got) < len(reqs):
         continue
       del pending[rid]
-      scores = [got[j] for j in range(len(reqs))]
+      scores = [got[j].score for j in range(len(reqs))]
       result = {'scores': scores}
+      if options.check_greedy:
+        result['greedy'] = [got[j].is_greedy for j in range(len(reqs))]
       if choices:
         result['prediction'] = max(range(len(scores)), key=scores.__getitem__)
       if choices and isinstance(answer, int) and not isinstance(answer, bool):

@@ -1,24 +1,38 @@
 """lm-evaluation-harness (0.4.x) model `illada_jax` (install the `eval` extra).
 
   python -m illada_jax.lm_eval_adapter --model illada_jax \\
-      --model_args ckpt=DIR,method=confidence --tasks arc_challenge
+      --model_args ckpt=DIR,score_preset=illada_confidence --tasks arc_challenge
+  python -m illada_jax.lm_eval_adapter --model illada_jax --apply_chat_template \\
+      --model_args ckpt=DIR,preset=illada_instruct --tasks gsm8k
 
 (`python -m` registers the model, then runs lm-eval's own CLI.) Model args:
   ckpt             checkpoint directory (required); tokenizer and prompt format read from it
-  method           loglikelihood scorer: `mc` (default) or `confidence` (SPEC §3)
-  mc_num, mc_batch Monte-Carlo samples and rows per round (128, 16)
-  cfg_scale        classifier-free guidance, for scoring and generation
+  any field of `illada_jax.ScoringOptions`: loglikelihood settings. method `mc` (default)
+                   or `confidence`; mc_num, mc_batch (128, 16); add_bos (default: the
+                   checkpoint's add_bos_token), padd_eos; check_greedy (default here: true,
+                   lm-eval's is_greedy by suffix greedy prediction, `l` more passes per
+                   request; false reports False); rolling_window (loglikelihood_rolling)
+  score_preset     named ScoringOptions from configs/scoring.py, e.g. `illada_confidence`
   any field of `illada_jax.SamplingOptions` (gen_length, block_length, steps, threshold,
-                   cache, variable_length, temperature, ...): generate_until settings
-                   (defaults here: gen_length=256, block_length=32)
+                   cache, variable_length, temperature, end_think, end_think_boost,
+                   end_think_power, ...): generate_until settings (defaults here:
+                   gen_length=256, block_length=32)
+  preset           named SamplingOptions from configs/sampling.py, e.g. `illada_instruct`
+  cfg_scale        classifier-free guidance, for scoring and generation
   batch_size       engine slots (requests denoised or scored at once); mesh e.g. `fsdp=4`
-Both request types run through the engine (`illada_jax.engine`): results do not
-depend on the batch size, and each generation request keeps its own `until`
-strings and `max_gen_toks` (the completion is cut to that many tokens).
+Args given beside a preset override its fields. Every request type runs through
+the engine (`illada_jax.engine`): results do not depend on the batch size, and
+each generation request keeps its own `until` strings and `max_gen_toks`.
+
+`loglikelihood_rolling` (perplexity tasks) sums, over windows of at most
+`max_len` tokens, the Monte-Carlo estimate of each window's log-likelihood with
+an empty prompt (SPEC §3). That estimate is an ELBO: the NLL it implies, and
+so the word/byte perplexities lm-eval reports, are UPPER BOUNDS on the model's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 
@@ -27,12 +41,14 @@ from lm_eval.api.registry import register_model
 
 import illada_jax
 from illada_jax import engine as engine_lib
-from illada_jax import prompts, sharding
+from illada_jax import prompts, scoring, sharding
 from illada_jax.config import from_strings
 from illada_jax.sampling import SamplingOptions
 from illada_jax.scoring import ScoringOptions
 
-_SAMPLING = {f for f in SamplingOptions.__dataclass_fields__}
+_SAMPLING = {f.name for f in dataclasses.fields(SamplingOptions)}
+_SCORING = {f.name for f in dataclasses.fields(ScoringOptions)}
+_LM_EVAL_ARGS = {'max_batch_size', 'device'}  # given by lm-eval's CLI; not used here
 
 
 def content_seed(seed: int, *parts) -> int:
@@ -40,49 +56,70 @@ def content_seed(seed: int, *parts) -> int:
   return zlib.crc32(json.dumps([seed, *parts]).encode())
 
 
+def _fields(options) -> dict:
+  return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
 @register_model('illada_jax')
 class ILLaDAJax(LM):
-  """`loglikelihood` by MC or confidence scoring; `generate_until` by the diffusion sampler."""
+  """`loglikelihood` by MC or confidence scoring (with `is_greedy`), `loglikelihood_rolling`
+  by the windowed MC bound, `generate_until` by the diffusion sampler."""
 
-  def __init__(self, ckpt: str, method: str = 'mc', mc_num: int = 128, mc_batch: int = 16,
-               batch_size: int | str = 32, mesh: str | None = None,
-               tokenizer: str | None = None, seed: int = 0, params=None, cfg=None, **kwargs):
+  def __init__(self, ckpt: str, batch_size: int | str = 32, mesh: str | None = None,
+               tokenizer: str | None = None, seed: int = 0, preset: str | None = None,
+               score_preset: str | None = None, params=None, cfg=None, **kwargs):
     super().__init__()
-    sampling_args = {'gen_length': 256, 'block_length': 32}
+    unknown = sorted(set(kwargs) - _SAMPLING - _SCORING - _LM_EVAL_ARGS)
+    if unknown:
+      raise ValueError(f'illada_jax: unknown model args {unknown}')
+    sampling_args = (_fields(illada_jax.sampling_preset(preset)) if preset
+                     else {'gen_length': 256, 'block_length': 32})
     sampling_args.update({k: v for k, v in kwargs.items() if k in _SAMPLING})
     self.options = from_strings(SamplingOptions, sampling_args)
-    self.scoring = ScoringOptions(method, int(mc_num), int(mc_batch), self.options.cfg_scale)
+    scoring_args = (_fields(illada_jax.scoring_preset(score_preset)) if score_preset
+                    else {'check_greedy': True})
+    scoring_args.update({k: v for k, v in kwargs.items() if k in _SCORING})
+    scoring_opts = from_strings(ScoringOptions, scoring_args)
     if params is None:
       mesh_obj = sharding.make_mesh(mesh) if mesh else None
       cfg, params = illada_jax.load_checkpoint(ckpt, mesh=mesh_obj)
     self.cfg, self.params, self.ckpt, self.seed = cfg, params, ckpt, int(seed)
     self.tok = prompts.load_tokenizer(ckpt, tokenizer)
     self.fmt = prompts.PromptFormat.from_checkpoint(ckpt)
+    if scoring_opts.add_bos is None:  # as the harness's tokenizer call: the checkpoint decides
+      scoring_opts = scoring_opts.replace(add_bos=self.fmt.add_bos)
+    self.scoring = scoring_opts
     slots = 32 if str(batch_size).startswith('auto') else int(batch_size)
     self.engine = engine_lib.Engine(cfg, params, tokenizer=self.tok, slots=slots)
 
   # -- scoring -------------------------------------------------------------------
-  def _pair(self, context: str, continuation: str):
-    # Whitespace belongs to the continuation in lm-eval; keep the split at the text boundary.
-    if self.scoring.method == 'confidence':  # the scorer puts BOS before the context itself
-      ctx = self.tok.encode(context) if context else []
-    else:
-      ctx = self.fmt.encode(self.tok, self.cfg, context) if context else []
-    return tuple(ctx), tuple(self.tok.encode(continuation))
-
   def loglikelihood(self, requests, disable_tqdm: bool = False):
+    """`(log-likelihood estimate, is_greedy)` per `(context, continuation)` request."""
     reqs = []
     for i, req in enumerate(requests):
       context, continuation = req.args[:2]
-      ctx, cont = self._pair(context, continuation)
-      reqs.append(engine_lib.ScoreRequest(i, ctx, cont, self.scoring,
+      ctx, cont = prompts.encode_pair(self.tok, context, continuation)
+      reqs.append(engine_lib.ScoreRequest(i, tuple(ctx), tuple(cont), self.scoring,
                                           content_seed(self.seed, context, continuation)))
-    scores = {s.id: s.score for s in self.engine.score(reqs)}
-    # Diffusion scores give no greedy-match signal; `is_greedy` is reported as False.
-    return [(scores[i], False) for i in range(len(reqs))]
+    scored = {s.id: s for s in self.engine.score(reqs)}
+    return [(scored[i].score, bool(scored[i].is_greedy)) for i in range(len(reqs))]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-    raise NotImplementedError('illada_jax: rolling perplexity is not defined for this model')
+    """Per text, the summed MC estimate over its windows (an ELBO: -it bounds the NLL above)."""
+    o = self.scoring.replace(method='mc', check_greedy=False)
+    size = scoring.window_size(self.cfg, o)
+    reqs, count = [], []
+    for i, req in enumerate(requests):
+      text = req.args[0]
+      windows = scoring.rolling_windows(self.tok.encode(text), size)
+      count.append(len(windows))
+      seed = content_seed(self.seed, text)
+      reqs += [engine_lib.ScoreRequest((i, w), (), window, o, scoring.window_seed(seed, w))
+               for w, window in enumerate(windows)]
+    totals = [0.] * len(count)
+    for s in self.engine.score(reqs):
+      totals[s.id[0]] += s.score
+    return totals
 
   # -- generation ----------------------------------------------------------------
   def generate_until(self, requests, disable_tqdm: bool = False):

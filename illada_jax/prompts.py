@@ -125,6 +125,22 @@ def chat_text(messages: Sequence[dict], bos_text: str = '', template: str | None
   return ''.join(parts)
 
 
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """Context and continuation ids, split as lm-eval's reference models split them (SPEC §3).
+
+  Trailing whitespace of the context moves to the start of the continuation;
+  the whole string is encoded, and the continuation is what follows the
+  context's own tokens (a token merged across the boundary counts as context).
+  No BOS is added here (the scorers' `add_bos` does that).
+  """
+  n = len(context) - len(context.rstrip())
+  if n:
+    context, continuation = context[:-n], context[-n:] + continuation
+  ctx = tok.encode(context) if context else []
+  whole = tok.encode(context + continuation)
+  return ctx, whole[len(ctx):]
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None,
              multiple: int = 1):
   """int32 `[B, P]` left-padded ids and bool `[B, P]` mask (True: real token).

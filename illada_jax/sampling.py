@@ -82,8 +82,8 @@ class SamplingOptions:
   vocab_limit: int | None = _option(
       None, "ids >= this are never candidates (the tokenizer's size: padded embedding rows)")
   end_think: str | tuple[int, ...] | None = _option(
-      '</think>', "end-of-thinking marker: text (encoded with the checkpoint's tokenizer) or "
-      'token ids')
+      '</think>', "end-of-thinking marker: text, encoded with the checkpoint's tokenizer "
+      '(from Python also a tuple of token ids)')
   end_think_boost: float = _option(
       0., 'end-of-thinking logit boost b: the next marker token at the first masked position '
       'gets + b * progress ** power (0: off; SPEC §2)')

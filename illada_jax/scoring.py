@@ -89,7 +89,7 @@ class ScoringOptions:
   check_greedy: bool = _option(
       False, "also compute lm-eval's is_greedy by suffix greedy prediction (l more passes)")
   rolling_window: int | None = _option(
-      None, 'rolling log-likelihood: tokens per window (None: max_len less BOS/EOS)')
+      None, 'lm-eval loglikelihood_rolling: tokens per window (None: max_len less BOS/EOS)')
 
   def __post_init__(self):
     put = functools.partial(object.__setattr__, self)

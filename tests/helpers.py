@@ -43,6 +43,37 @@ def make_params(cfg, seed=0, end_boost=0.):
   return params
 
 
+def log_softmax(x):
+  """float64 log-softmax over the last axis."""
+  x = np.asarray(x, np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def logits_of(cfg, params, tokens):
+  """float32 `[L, V]` logits of one unpadded row."""
+  return np.asarray(illada_jax.forward(cfg, params, np.asarray([tokens], np.int32)))[0]
+
+
+def greedy_by_hand(cfg, params, ctx, l, cfg_scale=0., prefix=(), suffix=()):
+  """Suffix greedy prediction (SPEC §3) in NumPy: the answer it reveals."""
+  m = cfg.mask_token_id
+  seq = list(prefix) + list(ctx) + [m] * l + list(suffix)
+  start = len(prefix) + len(ctx)
+  hidden = list(range(l))
+  for _ in range(l):
+    lg = logits_of(cfg, params, seq).astype(np.float64)
+    if cfg_scale > 0:
+      u = logits_of(cfg, params, [m] * start + seq[start:]).astype(np.float64)
+      lg = u + (cfg_scale + 1) * (lg - u)
+    lp = log_softmax(lg)
+    best = {j: (lp[start + j].max(), int(lp[start + j].argmax())) for j in hidden}
+    j = max(hidden, key=lambda j: (best[j][0], -j))
+    seq[start + j] = best[j][1]
+    hidden.remove(j)
+  return seq[start:start + l]
+
+
 def padded_prompts(cfg, b=3, p=6, seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, 60, (b, p)).astype(np.int32)

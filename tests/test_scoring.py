@@ -9,17 +9,7 @@ import pytest
 import illada_jax
 from illada_jax import scoring
 
-from helpers import ILLADA, LLADA, make_params
-
-
-def log_softmax(x):
-  x = np.asarray(x, np.float64)
-  m = x.max(-1, keepdims=True)
-  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def logits_of(cfg, params, tokens):
-  return np.asarray(illada_jax.forward(cfg, params, np.asarray([tokens], np.int32)))[0]
+from helpers import ILLADA, LLADA, greedy_by_hand, log_softmax, logits_of, make_params
 
 
 def test_stratified_counts_follow_the_reference_formula():
@@ -122,25 +112,6 @@ def test_mc_draws_do_not_depend_on_the_static_widths():
   narrow = scoring.mc_log_likelihood(LLADA, params, pairs, **kw)
   wide = scoring.mc_log_likelihood(LLADA, params, pairs, length=64, answer=32, **kw)
   np.testing.assert_allclose(wide, narrow, rtol=1e-5)
-
-
-def greedy_by_hand(cfg, params, ctx, l, cfg_scale=0., prefix=(), suffix=()):
-  """Suffix greedy prediction (SPEC §3) in NumPy: the answer it reveals."""
-  m = cfg.mask_token_id
-  seq = list(prefix) + list(ctx) + [m] * l + list(suffix)
-  start = len(prefix) + len(ctx)
-  hidden = list(range(l))
-  for _ in range(l):
-    lg = logits_of(cfg, params, seq).astype(np.float64)
-    if cfg_scale > 0:
-      u = logits_of(cfg, params, [m] * start + seq[start:]).astype(np.float64)
-      lg = u + (cfg_scale + 1) * (lg - u)
-    lp = log_softmax(lg)
-    best = {j: (lp[start + j].max(), int(lp[start + j].argmax())) for j in hidden}
-    j = max(hidden, key=lambda j: (best[j][0], -j))
-    seq[start + j] = best[j][1]
-    hidden.remove(j)
-  return seq[start:start + l]
 
 
 def test_greedy_match_by_hand():

@@ -6,26 +6,41 @@ import argparse
 import dataclasses
 
 
-def add_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
-  """One `--field-name` flag per field of the options dataclass `cls` (parsed by its type)."""
+def add_options(parser: argparse.ArgumentParser, cls, title: str,
+                presets: dict | None = None) -> None:
+  """One `--field-name` flag per field of the options dataclass `cls` (parsed by its type).
+
+  `presets` (name -> instance) adds `--preset NAME`, whose fields the flags override.
+  """
   group = parser.add_argument_group(title)
+  if presets:
+    group.add_argument('--preset', choices=sorted(presets), default=None,
+                       help='named settings (configs/); the flags below override its fields')
   for f in dataclasses.fields(cls):
     flag = '--' + f.name.replace('_', '-')
     doc = f.metadata.get('help', '')
     if str(f.type) == 'bool':
       group.add_argument(flag, dest=f.name, action='store_const', const='true', default=None,
                          help=doc)
+    elif str(f.type) == 'bool | None':  # None is a setting of its own: --x / --no-x / neither
+      group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                         help=doc)
     else:
       group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                          help=f'{doc} (default: {f.default})' if doc else None)
 
 
-def options_from(args: argparse.Namespace, cls, **defaults):
-  """The options dataclass from the flags given (`defaults` fill the others)."""
+def options_from(args: argparse.Namespace, cls, presets: dict | None = None, **defaults):
+  """The options dataclass from the flags given over `--preset` (from `presets`), if any,
+  and `defaults` (which fill the others)."""
   from illada_jax.config import from_strings
   given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
            if getattr(args, f.name, None) is not None}
-  return from_strings(cls, {**defaults, **given})
+  base = {}
+  if presets and getattr(args, 'preset', None):
+    preset = presets[args.preset]
+    base = {f.name: getattr(preset, f.name) for f in dataclasses.fields(cls)}
+  return from_strings(cls, {**defaults, **base, **given})
 
 
 def add_distributed(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,11 @@
   illada-sample --ckpt DIR --prompt "Once upon a time" --gen-length 64
   illada-sample --ckpt DIR --prompts in.jsonl --out out.jsonl --variable-length \\
       --block-length 32 --threshold 0.9 --cache dual --stop "Question:"
+  illada-sample --ckpt DIR --prompts in.jsonl --chat --preset illada_instruct   # published
+
+`--preset NAME` takes named settings from `configs/sampling.py` (flags override
+its fields); `illada_instruct` is the published iLLaDA-Instruct setting with
+the end-of-thinking boost (`--end-think`, `--end-think-boost`, `--end-think-power`).
 
 Prompts file: one JSON object per line with `prompt` (a string) or `messages`
 (a chat), and optionally `id` (default: the line number), `stop`,
@@ -77,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--no-progress', action='store_true')
   p.add_argument('--show-denoising', action='store_true',
                  help='replay the denoising of --prompt strings (fixed-step sampler)')
-  _common.add_options(p, SamplingOptions, 'sampling options (illada_jax.SamplingOptions)')
+  from illada_jax.configs.sampling import PRESETS
+  _common.add_options(p, SamplingOptions, 'sampling options (illada_jax.SamplingOptions)', PRESETS)
   _common.add_distributed(p)
   return p
 
@@ -88,7 +94,8 @@ def main(argv=None) -> int:
   import jax
   import illada_jax
   from illada_jax import engine, jobs, prompts, sampling
-  options = _common.options_from(args, sampling.SamplingOptions)
+  from illada_jax.configs.sampling import PRESETS
+  options = _common.options_from(args, sampling.SamplingOptions, PRESETS)
   if jax.process_count() > 1 and not args.out:
     print('illada-sample: several processes need --out', file=sys.stderr)
     return 2

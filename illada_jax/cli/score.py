@@ -2,11 +2,15 @@
 
   illada-score --ckpt DIR --input items.jsonl --out scores.jsonl --method confidence
   illada-score --ckpt DIR --input items.jsonl --out scores.jsonl --method mc --mc-num 128
+  illada-score --ckpt DIR --input items.jsonl --preset illada_confidence   # ARC-C as published
 
 Each JSONL line has a `context` and either a `continuation` (scored alone) or
 `choices` (each scored; `prediction` is the best, and `correct` is given when
 an integer `answer` is), and optionally `id` (default: the line number) and
-`seed`. Requests are bucketed by length and batched by the engine; the job is
+`seed`. Context and continuation are encoded separately, as written (the
+lm-eval adapter splits the joined text as lm-eval does). `--add-bos` / `--no-add-bos` (default: the checkpoint's
+`add_bos_token`) and `--padd-eos` are the harness's options; `--check-greedy`
+adds lm-eval's `greedy` flags; `--preset NAME` takes settings from `configs/scoring.py`. Requests are bucketed by length and batched by the engine; the job is
 resumable and runs on several processes as `illada-sample` does. Prints the
 accuracy over graded records at the end.
 """
@@ -35,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--mesh', default=None, help='e.g. data=2,fsdp=2,tensor=2 (local devices)')
   p.add_argument('--on-error', choices=('skip', 'stop'), default='skip')
   p.add_argument('--no-progress', action='store_true')
-  _common.add_options(p, ScoringOptions, 'scoring options (illada_jax.scoring.ScoringOptions)')
+  from illada_jax.configs.scoring import PRESETS
+  _common.add_options(p, ScoringOptions, 'scoring options (illada_jax.scoring.ScoringOptions)',
+                      PRESETS)
   _common.add_distributed(p)
   return p
 
@@ -58,7 +64,8 @@ def main(argv=None) -> int:
   import jax
   import illada_jax
   from illada_jax import engine, jobs, prompts, scoring
-  options = _common.options_from(args, scoring.ScoringOptions)
+  from illada_jax.configs.scoring import PRESETS
+  options = _common.options_from(args, scoring.ScoringOptions, PRESETS)
   if jax.process_count() > 1 and not args.out:
     print('illada-score: several processes need --out', file=sys.stderr)
     return 2
