@@ -17,7 +17,8 @@ ILLADA_INSTRUCT = SamplingOptions(
 
 ILLADA_INSTRUCT_MATH = ILLADA_INSTRUCT.replace(gen_length=4096)
 
-# The base model's generation tasks (BBH, GSM8K, MATH, MBPP; SPEC §6): gen 1024, steps = block = 32.
+# The base model's generation tasks (BBH, GSM8K, MATH, MBPP; SPEC §6):
+# gen 1024, steps = block = 32.
 ILLADA_BASE = SamplingOptions(gen_length=1024, block_length=32, steps=32, variable_length=True)
 
 PRESETS = {

@@ -1,4 +1,4 @@
-"""Named settings (configs/sampling.py, configs/scoring.py) through the CLIs, flags overriding them."""
+"""Named settings (configs/sampling.py, configs/scoring.py) through the CLIs; flags override."""
 
 import json
 

@@ -8,11 +8,13 @@ Each JSONL line has a `context` and either a `continuation` (scored alone) or
 `choices` (each scored; `prediction` is the best, and `correct` is given when
 an integer `answer` is), and optionally `id` (default: the line number) and
 `seed`. Context and continuation are encoded separately, as written (the
-lm-eval adapter splits the joined text as lm-eval does). `--add-bos` / `--no-add-bos` (default: the checkpoint's
-`add_bos_token`) and `--padd-eos` are the harness's options; `--check-greedy`
-adds lm-eval's `greedy` flags; `--preset NAME` takes settings from `configs/scoring.py`. Requests are bucketed by length and batched by the engine; the job is
-resumable and runs on several processes as `illada-sample` does. Prints the
-accuracy over graded records at the end.
+lm-eval adapter splits the joined text as lm-eval does). `--add-bos` /
+`--no-add-bos` (default: the checkpoint's `add_bos_token`) and `--padd-eos`
+are the harness's options; `--check-greedy` adds lm-eval's `greedy` flags;
+`--preset NAME` takes settings from `configs/scoring.py`. Requests are
+bucketed by length and batched by the engine; the job is resumable and runs
+on several processes as `illada-sample` does. Prints the accuracy over
+graded records at the end.
 """
 
 from __future__ import annotations
