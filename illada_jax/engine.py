@@ -162,7 +162,8 @@ def block_program(cfg: ModelConfig, options: SamplingOptions, bucket: int, mesh=
   temperature and generation limit in tokens (SPEC §2: it differs by prompt
   length under variable length; the end-of-thinking boost reads it); then the
   current block of every `active_B` row is denoised and returned (int32
-  `[B, W]`), and the canvas (donated) is rotated by one block. `options.gen_length` is the canvas's `G`.
+  `[B, W]`), and the canvas (donated) is rotated by one block.
+  `options.gen_length` is the canvas's `G`.
   """
   o = options.program_key()
   fn = functools.partial(_block_program, cfg, mesh, o, bucket, on_compile)
