@@ -1,6 +1,13 @@
-"""Test setup: 8 simulated CPU devices, CPU backend only, float32 matmuls exact."""
+"""Test setup: 8 simulated CPU devices, CPU backend only, float32 matmuls exact.
+
+Under `CI=true` (set by `.ci/run`) a skipped test fails the run unless its
+reason is listed in `CI_ALLOWED_SKIPS`: a skip checks nothing, and CI
+installs every extra (`.[test,tpu,eval]`), so a missing package there is a
+broken install, not a reason.
+"""
 
 import os
+import re
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -10,3 +17,48 @@ if '--xla_force_host_platform_device_count' not in _flags:
 import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# The one list of skips CI accepts: regular expressions searched in the skip
+# reason. Only reasons that hold on a CPU-only machine with every extra
+# installed belong here (e.g. a test that needs a GPU or a TPU to run on).
+CI_ALLOWED_SKIPS: tuple[str, ...] = ()
+
+_ci_skips: list[str] = []
+
+
+def _skip_reason(report) -> str:
+  longrepr = report.longrepr
+  if isinstance(longrepr, tuple):  # (path, line, 'Skipped: reason')
+    return str(longrepr[2]).removeprefix('Skipped: ')
+  return str(longrepr)
+
+
+def _record_ci_skip(report) -> None:
+  if os.environ.get('CI', '').lower() != 'true' or not report.skipped:
+    return
+  if hasattr(report, 'wasxfail'):  # an expected failure is not a skip
+    return
+  reason = _skip_reason(report)
+  if not any(re.search(pattern, reason) for pattern in CI_ALLOWED_SKIPS):
+    _ci_skips.append(f'{report.nodeid}: {reason}')
+
+
+def pytest_runtest_logreport(report):
+  _record_ci_skip(report)
+
+
+def pytest_collectreport(report):  # module-level importorskip / skip
+  _record_ci_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _ci_skips:
+    terminalreporter.section('CI=true: skips not in CI_ALLOWED_SKIPS (tests/conftest.py)',
+                             red=True)
+    for line in _ci_skips:
+      terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session):
+  if _ci_skips and session.exitstatus in (0, 5):  # 5: nothing ran but skips
+    session.exitstatus = 1
