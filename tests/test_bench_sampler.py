@@ -39,7 +39,7 @@ PROMPT = jnp.asarray(np.random.default_rng(0).integers(0, 80, (3, 6)), jnp.int32
                          ids=['fixed', 'threshold', 'threshold+dual'])
 def test_host_loop_equals_the_jitted_sampler(extra):
   params = _params(0.)
-  o = sampling.SampleOptions(**OPTS, **extra)
+  o = sampling.SamplingOptions(**OPTS, **extra)
   key = jax.random.key(1)
   want = sampling.sample(CFG, params, PROMPT, **OPTS, **extra, key=key)
   got, nfe = bench_sampler.python_loop(CFG, params, o, PROMPT, key)
@@ -52,7 +52,7 @@ def test_host_loop_equals_the_jitted_sampler(extra):
 def test_host_loop_stops_when_the_model_predicts_mask():
   """A committed MASK stays masked: both loops stop after W calls per block."""
   params = _params(1e3)  # every position's argmax is MASK, confidently
-  o = sampling.SampleOptions(**OPTS, threshold=0.9)
+  o = sampling.SamplingOptions(**OPTS, threshold=0.9)
   want = sampling.sample(CFG, params, PROMPT, **OPTS, threshold=0.9)
   got, nfe = bench_sampler.python_loop(CFG, params, o, PROMPT, jax.random.key(0))
   assert nfe == int(want.nfe) == OPTS['gen_length']

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from illada_jax import checkpoint, demo, sampling, text_tokenizer
+from illada_jax import checkpoint, demo, text_tokenizer
 
 
 def test_problems_are_held_out():
@@ -53,17 +53,9 @@ def test_demo_cli_short_run(tmp_path, capsys):
   assert cfg.num_layers == demo.DemoConfig().layers
 
 
-# The default model on the sum and one EOS as its answer canvas (7 + 4 positions), 800 steps:
-# the cheapest setting that learned under every seed tried. The loss plateaus until a sudden
-# breakthrough (step 250-500 here); 600 steps left seed 2 at 34%, 400 seed 0 at 1.4%.
-# Runs and times: docs/benchmarks.md, "Demo accuracy".
-SHORT = dict(gen_length=4, steps=800)
-
-
 @pytest.mark.slow
-def test_short_demo_reaches_80_percent_and_threshold_decoding_keeps_it(tmp_path, monkeypatch):
-  cfg = demo.DemoConfig(out=str(tmp_path / 'demo'), **SHORT)
-  result = demo.run(cfg, progress_bar=False, log=lambda *a: None)
+def test_short_demo_reaches_80_percent_and_threshold_decoding_keeps_it(short_demo):
+  cfg, result = short_demo
   assert result['n_test'] == cfg.test_size
   assert result['accuracy'] >= 0.80  # chance: 1 / 199
   model_cfg, params = checkpoint.load_checkpoint(result['checkpoint'])
@@ -71,17 +63,9 @@ def test_short_demo_reaches_80_percent_and_threshold_decoding_keeps_it(tmp_path,
   _, test = demo.make_problems(cfg)
   fixed = demo.evaluate(model_cfg, params, tok, test, cfg)
   assert fixed['accuracy'] == result['accuracy']  # the checkpoint is the model evaluated
-
+  assert fixed['steps'] == cfg.gen_length  # one token per step
   # The demo's own evaluation (its prompts and answer parsing), with threshold decoding.
-  nfe = []
-  fixed_step_sample = sampling.sample
-
-  def threshold_sample(*args, **kw):
-    out = fixed_step_sample(*args, **kw, threshold=0.9)
-    nfe.append(int(out.nfe))
-    return out
-
-  monkeypatch.setattr(sampling, 'sample', threshold_sample)
-  fast = demo.evaluate(model_cfg, params, tok, test, cfg)
-  assert nfe  # the demo's evaluation sampled through threshold decoding
+  fast = demo.evaluate(model_cfg, params, tok, test, cfg,
+                       options=demo.sampling_options(cfg).replace(threshold=0.9))
+  assert fast['steps'] < fixed['steps']  # several tokens per step: threshold decoding ran
   assert abs(fast['accuracy'] - fixed['accuracy']) <= 0.01

@@ -76,9 +76,10 @@ def timed(fn, repeats: int) -> float:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _select(cfg, o, logits_BWV, x_BW, m_B, i, key):
+def _select(cfg, o, logits_BWV, x_BW, m_B, i, key_B):
   """One step's commit decision (fixed schedule or threshold) on a block's logits."""
-  x0_BW, conf_BW, is_end_BW = sampling.candidates(cfg, o, logits_BWV, key)
+  temp_B = jnp.full(x_BW.shape[:1], o.temperature)
+  x0_BW, conf_BW, is_end_BW = sampling.candidates(cfg, o, logits_BWV, key_B, temp_B)
   masked_BW = x_BW == cfg.mask_token_id
   rank_BW = sampling.commit_rank(conf_BW, masked_BW, is_end_BW)
   if o.threshold is None:
@@ -123,9 +124,14 @@ def _cache_calls(cfg, b: int, l: int):
   return fwd_kv, fwd_win, head
 
 
-def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
-  """The same sampler as a host loop of jitted calls; returns (tokens, nfe)."""
+def python_loop(cfg, params, o: sampling.SamplingOptions, prompt_BP, key):
+  """The same sampler as a host loop of jitted calls; returns (tokens, nfe).
+
+  Random draws follow the sampler's per-row streams: row seed `bits(key, B)[r]`,
+  step `i` of block `blk`: `fold_in(fold_in(key(seed), blk), i)`.
+  """
   b, p = prompt_BP.shape
+  seeds = jax.random.bits(key, (b,), jnp.uint32)
   w, l = o.block_length, p + o.gen_length
   x = jnp.concatenate([prompt_BP, jnp.full((b, o.gen_length), cfg.mask_token_id, jnp.int32)], 1)
   visible = jnp.ones((b, l), bool)  # the sampler's key mask without variable length
@@ -150,7 +156,9 @@ def python_loop(cfg, params, o: sampling.SampleOptions, prompt_BP, key):
       else:
         h, _ = fwd_win(params, x[:, lo:lo + w], lo, cache)
         logits = head(params, h)
-      new = _select(cfg, o, logits, x[:, lo:lo + w], m_B, i, jax.random.fold_in(key, nfe))
+      keys = jax.vmap(lambda seed: jax.random.fold_in(
+          jax.random.fold_in(jax.random.key(seed), blk), i))(seeds)
+      new = _select(cfg, o, logits, x[:, lo:lo + w], m_B, i, keys)
       x = x.at[:, lo:lo + w].set(new)
       i += 1
       nfe += 1
@@ -184,7 +192,7 @@ def run(preset='illada_tiny', batch=4, prompt_len=64, gen_length=64, block_lengt
               'threshold+prefix_cache': {'threshold': threshold, 'cache': 'prefix'}}
   fns, nfes = {'forward': forwards}, {'forward': gen_length}
   for name, extra in variants.items():
-    o = sampling.SampleOptions(**common, **extra)
+    o = sampling.SamplingOptions(**common, **extra)
     fns[name] = functools.partial(
         lambda extra: sampling.sample(cfg, params, prompt, **common, **extra, key=key).tokens, extra)
     nfes[name] = int(sampling.sample(cfg, params, prompt, **common, **extra, key=key).nfe)
