@@ -141,24 +141,30 @@ def sampling_options(cfg: DemoConfig) -> SamplingOptions:
   return SamplingOptions(gen_length=g, block_length=g, steps=g)
 
 
-def evaluate(model_cfg, params, tok, test: list[dict], cfg: DemoConfig, batch: int = 250
-             ) -> dict[str, Any]:
-  """Samples the test prompts with the engine (`batch` slots); accuracy and one trace."""
+def evaluate(model_cfg, params, tok, test: list[dict], cfg: DemoConfig, batch: int = 250,
+             options: SamplingOptions | None = None) -> dict[str, Any]:
+  """Samples the test prompts with the engine (`batch` slots); accuracy and one trace.
+
+  `options` default to `sampling_options(cfg)`; `steps` in the result is the
+  mean number of model calls per problem.
+  """
   from illada_jax import engine, sampling
   p, g = seq_lengths(cfg)
-  options = sampling_options(cfg)
+  options = options or sampling_options(cfg)
   fmt = prompt_format()
   requests = [engine.Request(id=i, prompt_ids=tuple(fmt.encode(tok, model_cfg, r['prompt'])),
                              options=options) for i, r in enumerate(test)]
   eng = engine.Engine(model_cfg, params, tokenizer=tok, slots=batch, buckets=(p,))
-  texts = {c.id: c.text.strip() for c in eng.generate(requests)}
-  outputs = [texts[i] for i in range(len(test))]
+  done = {c.id: c for c in eng.generate(requests)}
+  outputs = [done[i].text.strip() for i in range(len(test))]
   correct = sum(o == r['response'] for o, r in zip(outputs, test))
+  steps = float(np.mean([c.steps for c in done.values()]))
   ids, mask = left_pad([requests[0].prompt_ids], model_cfg.pad_token_id)
   out = sampling.sample(model_cfg, params, ids, mask, options)
   trace = denoising_trace(tok, np.asarray(out.tokens)[0, p:], np.asarray(out.commit_step)[0, p:],
                           model_cfg.mask_token_id)
-  return {'accuracy': correct / len(test), 'n': len(test), 'outputs': outputs, 'trace': trace}
+  return {'accuracy': correct / len(test), 'n': len(test), 'outputs': outputs, 'trace': trace,
+          'steps': steps}
 
 
 def denoising_trace(tok, answer_ids, commit_steps, mask_id: int) -> list[str]:

@@ -78,7 +78,7 @@ class TrainConfig:
   checkpoint_every: int = 500  # 0 = only at the end / on SIGTERM
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
-  peak_flops_per_device: float = 0.0  # 0 = guess from the device kind (MFU estimate)
+  peak_flops_per_device: float = 0.0  # 0 = the device kind's bf16 peak; MFU unlogged if unknown
   progress_bar: bool = True
 
 
@@ -196,9 +196,10 @@ def make_eval_step(cfg: TrainConfig, mesh):
 
 # -- flops ---------------------------------------------------------------------------
 
-_PEAK_FLOPS = {  # bf16 dense peak per chip
+_PEAK_FLOPS = {  # bf16 dense peak per chip (datasheets; the SXM parts for GPUs)
     'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
     'TPU v5': 459e12, 'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H200': 989e12,
 }
 
 
@@ -211,12 +212,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * n + attn
 
 
-def peak_flops(device) -> float:
+def peak_flops(device, dtype='bfloat16') -> float | None:
+  """Datasheet dense matmul peak (FLOP/s) of `device` in `dtype`; None where not known.
+
+  Only bf16 peaks of the TPU kinds in `_PEAK_FLOPS` are known; a CPU has no
+  datasheet peak (`tools/bench_forward.py` measures its matmul rate instead).
+  """
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return None
   kind = getattr(device, 'device_kind', '')
   for name, f in _PEAK_FLOPS.items():
     if kind.startswith(name):
       return f
-  return 1e11  # a nominal CPU figure: MFU on CPU is only indicative
+  return None
 
 
 # -- checkpoints ------------------------------------------------------------------
@@ -380,8 +388,9 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   flops_step = flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
-  peak = cfg.peak_flops_per_device or peak_flops(jax.devices()[0])
-  peak *= jax.device_count()
+  # MFU only against a known peak: a guessed one would make the figure meaningless.
+  peak = cfg.peak_flops_per_device or peak_flops(jax.devices()[0], cfg.model.compute_dtype)
+  peak = peak and peak * jax.device_count()
 
   bar = None
   if cfg.progress_bar and jax.process_index() == 0:
@@ -417,13 +426,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
     last_time, last_step = now, step
     logged = {k: float(v) for k, v in m.items()}
     logged['tokens_per_sec'] = n * tokens_per_step / dt
-    logged['mfu'] = n * flops_step / dt / peak
+    if peak:
+      logged['mfu'] = n * flops_step / dt / peak
     writer.write(s, logged)
     if bar is not None:
+      mfu = {'mfu': f"{logged['mfu']:.1%}"} if peak else {}
       bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['masked_accuracy']:.3f}",
                       lr=f"{logged['lr']:.2e}", gnorm=f"{logged['grad_norm']:.2f}",
-                      tok_s=f"{logged['tokens_per_sec']:.0f}", mfu=f"{logged['mfu']:.1%}",
-                      refresh=False)
+                      tok_s=f"{logged['tokens_per_sec']:.0f}", **mfu, refresh=False)
     if on_log is not None:
       on_log(s, logged)
 

@@ -1,11 +1,11 @@
-"""The built-in demo end to end, very short (the full run is `illada-demo`)."""
+"""The built-in demo: its pieces, a smoke run of the CLI, and a short run that must learn."""
 
 import json
 import os
 
 import pytest
 
-from illada_jax import demo, text_tokenizer
+from illada_jax import checkpoint, demo, text_tokenizer
 
 
 def test_problems_are_held_out():
@@ -51,3 +51,21 @@ def test_demo_cli_short_run(tmp_path, capsys):
   from illada_jax import checkpoint
   cfg, _ = checkpoint.load_checkpoint(result['checkpoint'])
   assert cfg.num_layers == demo.DemoConfig().layers
+
+
+@pytest.mark.slow
+def test_short_demo_reaches_80_percent_and_threshold_decoding_keeps_it(short_demo):
+  cfg, result = short_demo
+  assert result['n_test'] == cfg.test_size
+  assert result['accuracy'] >= 0.80  # chance: 1 / 199
+  model_cfg, params = checkpoint.load_checkpoint(result['checkpoint'])
+  tok = text_tokenizer.load(os.path.join(cfg.out, 'tokenizer', 'sp.model'))
+  _, test = demo.make_problems(cfg)
+  fixed = demo.evaluate(model_cfg, params, tok, test, cfg)
+  assert fixed['accuracy'] == result['accuracy']  # the checkpoint is the model evaluated
+  assert fixed['steps'] == cfg.gen_length  # one token per step
+  # The demo's own evaluation (its prompts and answer parsing), with threshold decoding.
+  fast = demo.evaluate(model_cfg, params, tok, test, cfg,
+                       options=demo.sampling_options(cfg).replace(threshold=0.9))
+  assert fast['steps'] < fixed['steps']  # several tokens per step: threshold decoding ran
+  assert abs(fast['accuracy'] - fixed['accuracy']) <= 0.01

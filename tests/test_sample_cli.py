@@ -140,3 +140,22 @@ def test_chat_prompt_uses_the_checkpoint_template(ckpt, tmp_path):
   assert ids == [0, 7, 8, 4, 15]
   fmt.write(str(tmp_path))
   assert prompts.PromptFormat.from_checkpoint(str(tmp_path)) == fmt
+
+
+@pytest.mark.slow
+def test_the_demo_checkpoint_through_illada_sample_scores_what_the_demo_reports(short_demo,
+                                                                                 tmp_path):
+  """The step directory records BOS-first prompts and carries its tokenizer."""
+  cfg, result = short_demo
+  from illada_jax import demo
+  _, test = demo.make_problems(cfg)
+  inp = write_jsonl(tmp_path / 'in.jsonl', [{'prompt': r['prompt']} for r in test])
+  out = tmp_path / 'out.jsonl'
+  p, g = demo.seq_lengths(cfg)
+  assert sample_cli.main(['--ckpt', result['checkpoint'], '--prompts', inp, '--out', str(out),
+                          '--gen-length', str(g), '--slots', '250', '--buckets', str(p),
+                          '--no-progress']) == 0
+  got = [json.loads(line)['completion'].strip() for line in open(out)]
+  assert got[:8] == [e[2] for e in result['examples']]
+  accuracy = np.mean([a == r['response'] for a, r in zip(got, test)])
+  assert accuracy == result['accuracy'] >= 0.8

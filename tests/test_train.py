@@ -67,7 +67,8 @@ def test_exact_resume(tmp_path):
   assert mcfg == MODEL
   jax.tree.map(np.testing.assert_array_equal, params, params_b)
   metrics = [json.loads(l) for l in open(tmp_path / 'full' / 'metrics.jsonl')]
-  assert {'loss', 'masked_accuracy', 'lr', 'grad_norm', 'tokens_per_sec', 'mfu'} <= set(metrics[-1])
+  assert {'loss', 'masked_accuracy', 'lr', 'grad_norm', 'tokens_per_sec'} <= set(metrics[-1])
+  assert 'mfu' not in metrics[-1]  # a CPU has no known peak, and none was given
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
@@ -204,7 +205,7 @@ def test_grad_accumulation_averages_micro_batches():
 
 def test_periodic_eval_and_tensorboard_events(tmp_path):
   cfg = tiny_config(str(tmp_path), steps=4, eval_every=2, eval_batches=2, checkpoint_every=0,
-                    async_checkpoints=False)
+                    async_checkpoints=False, peak_flops_per_device=1e12)
   out = train.train(cfg)
   assert sorted(out['eval']) == [2, 4]
   assert all(np.isfinite(v) and v > 0 for v in out['eval'].values())
@@ -217,3 +218,19 @@ def test_periodic_eval_and_tensorboard_events(tmp_path):
     assert tag in payload
   logged = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
   assert [m['step'] for m in logged if 'eval_loss' in m] == [2, 4]
+  # With a peak given, MFU is the model FLOP rate over it (all devices together).
+  m = [m for m in logged if 'mfu' in m][-1]
+  flops = train.flops_per_token(cfg.model, cfg.seq_len) * m['tokens_per_sec']
+  assert m['mfu'] == pytest.approx(flops / (1e12 * jax.device_count()), rel=1e-9)
+
+
+def test_peak_flops_known_only_for_listed_kinds_in_bf16():
+  class Device:
+    def __init__(self, kind):
+      self.device_kind = kind
+  assert train.peak_flops(Device('TPU v5p')) == 459e12
+  assert train.peak_flops(Device('TPU v5 lite')) == 197e12
+  assert train.peak_flops(Device('NVIDIA H200')) == 989e12
+  assert train.peak_flops(Device('TPU v5p'), 'float32') is None
+  assert train.peak_flops(Device('cpu')) is None
+  assert train.peak_flops(jax.devices()[0], 'bfloat16') is None

@@ -1,11 +1,15 @@
-"""Forward-pass throughput and MFU on this machine.
+"""Forward-pass throughput against the matmul rate measured in the same run.
 
-Measures, in the same run, (1) the peak matmul throughput of this CPU in
-float32 and bfloat16 (a large square jitted matmul) and (2) the throughput of
-a jitted forward pass of a preset, then prints one line per figure with the
-ratio to its peak (MFU). Model FLOPs count the matmuls: 2 * tokens *
-(matmul params incl. the LM head) + 4 * B * L^2 * H * Dh per layer
-(scores and values); norms, RoPE and softmax are not counted.
+Measures, in the same run, (1) the matmul rate of this device in each dtype
+(FLOP/s of a large square jitted matmul, best of `--repeats`) and (2) the
+throughput of a jitted forward pass of a preset, then prints one line per
+figure: the forward's model FLOP rate as a fraction of that measured matmul
+rate (`of matmul rate`). This is not MFU: MFU divides by the device's
+datasheet peak, which a CPU does not have; where `train.peak_flops` knows the
+device's peak for the dtype (TPU kinds, H100/H200, bf16), MFU against it is
+printed too. Model FLOPs count the matmuls: 2 * tokens * (matmul params incl.
+the LM head) + 4 * B * L^2 * H * Dh per layer (scores and values); norms,
+RoPE and softmax are not counted. Dated results: docs/benchmarks.md.
 
   python tools/bench_forward.py [--preset illada_100m] [--batch 4] [--seq-len 512]
 """
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import illada_jax
+from illada_jax import train
 
 
 def best_seconds(fn, *args, repeats: int) -> float:
@@ -32,7 +37,7 @@ def best_seconds(fn, *args, repeats: int) -> float:
   return min(times)
 
 
-def matmul_peak(dtype, n: int, repeats: int) -> float:
+def matmul_rate(dtype, n: int, repeats: int) -> float:
   """FLOP/s of an n x n x n matmul in `dtype` with float32 accumulation."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
@@ -70,17 +75,19 @@ def main(argv=None):
         f'{jax.device_count()} device(s) {jax.devices()[0].platform}')
   for name in args.dtypes.split(','):
     dtype = jnp.dtype(name)
-    peak = matmul_peak(dtype, args.matmul_size, args.repeats)
+    rate = matmul_rate(dtype, args.matmul_size, args.repeats)
     cfg = base.replace(param_dtype=name, compute_dtype=name)
     params = illada_jax.init_params(cfg, jax.random.key(0))
     seconds = best_seconds(lambda p, t: illada_jax.forward(cfg, p, t), params, tokens,
                            repeats=args.repeats)
     achieved = flops / seconds
-    print(f'matmul peak {name}: {peak / 1e9:.1f} GFLOP/s ({args.matmul_size}^3, best of '
+    print(f'matmul rate {name}: {rate / 1e9:.1f} GFLOP/s ({args.matmul_size}^3, best of '
           f'{args.repeats})')
+    peak = train.peak_flops(jax.devices()[0], name)
+    mfu = f', MFU {achieved / peak:.1%} of the datasheet {name} peak' if peak else ''
     print(f'forward {name}: {args.batch * args.seq_len / seconds:.0f} tokens/s, '
           f'{seconds * 1e3:.1f} ms, {achieved / 1e9:.1f} GFLOP/s, '
-          f'MFU {achieved / peak:.1%} of the {name} matmul peak')
+          f'{achieved / rate:.3f} of the {name} matmul rate{mfu}')
 
 
 if __name__ == '__main__':
