@@ -263,6 +263,11 @@ class Engine:
     elif p + o.gen_length > self.cfg.max_len:
       raise ValueError(f'prompt of {p} tokens + gen_length {o.gen_length} exceeds max_len '
                        f'{self.cfg.max_len}')
+    elif o.cache == 'prefix':
+      # The prefix window (block + visible suffix) would differ per row. Under variable
+      # length nothing after the block is visible, and prefix runs as dual.
+      raise ValueError("cache='prefix' needs variable_length in the engine; use cache='dual', "
+                       'or sample() for fixed-length prefix caching')
     if request.stop and self.tokenizer is None:
       raise ValueError('stop strings need a tokenizer')
 

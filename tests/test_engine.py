@@ -148,6 +148,8 @@ def test_bad_requests_are_refused_before_anything_runs():
         [engine.Request(0, tuple(range(60)), o)]))
   with pytest.raises(ValueError, match='empty prompt'):
     list(eng.generate([engine.Request(0, (), o)]))
+  with pytest.raises(ValueError, match="cache='prefix' needs variable_length"):
+    list(eng.generate([engine.Request(0, (1, 2), o.replace(cache='prefix'))]))
   with pytest.raises(ValueError, match='stop strings need a tokenizer'):
     list(eng.generate([engine.Request(0, (1, 2), o, stop=('x',))]))
 
