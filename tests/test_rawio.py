@@ -1,0 +1,128 @@
+"""Private fast I/O of the converter: O_DIRECT writer, buffer pool, zarr3 shard files."""
+
+import errno
+import fcntl
+import os
+
+import numpy as np
+import pytest
+
+import illada_jax
+
+from illada_jax import checkpoint
+from illada_jax.checkpoint import _orbax_stream, _rawio, store
+from helpers import make_tensors, tiny_cfg, write_hf
+
+
+def test_direct_writer_falls_back_when_a_write_refuses_o_direct(tmp_path, monkeypatch):
+  pwrite = os.pwrite
+
+  def refuse_direct(fd, data, offset):
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, 'O_DIRECT', 0):
+      raise OSError(errno.EINVAL, 'Invalid argument')
+    return pwrite(fd, data, offset)
+
+  monkeypatch.setattr(os, 'pwrite', refuse_direct)
+  data = np.random.default_rng(4).integers(0, 256, 3 * (1 << 16) + 5, np.uint8)
+  with _rawio.DirectFile(str(tmp_path / 'f'), buffer_bytes=1 << 16) as f:
+    f.write(data[:100])
+    f.write(data[100:])
+  assert (tmp_path / 'f').read_bytes() == data.tobytes()
+
+
+@pytest.mark.parametrize('direct', [True, False])
+def test_direct_writer_stores_strided_arrays_in_c_order(tmp_path, monkeypatch, direct):
+  """Strided slabs larger than the buffer, straddling its end, at odd byte offsets."""
+  if not direct:
+    monkeypatch.delattr(os, 'O_DIRECT', raising=False)
+  rng = np.random.default_rng(5)
+  big = rng.standard_normal((70, 300, 6)).astype(np.float32)
+  parts = [big[:, 7:250, 1:5],  # 3-D, rows of 3.9 KB: 283 KB across 64 KiB buffers
+           big[5, ::3, 2],  # 1-D, stride 72 B
+           big[:, 0, :3].astype(np.float16)[:, ::-1],  # negative stride
+           big[3:4, :, 0:1].T,  # Fortran order, one column
+           big[:0, :, 1:2]]  # empty
+  with _rawio.DirectFile(str(tmp_path / 'f'), buffer_bytes=1 << 16) as f:
+    f.write(b'abc')  # everything after it sits at an odd offset
+    for p in parts:
+      assert not p.flags.c_contiguous or p.size == 0
+      f.write_array(p)
+  want = b'abc' + b''.join(np.ascontiguousarray(p).tobytes() for p in parts)
+  assert (tmp_path / 'f').read_bytes() == want
+
+
+def test_buffer_pool_hands_out_a_buffer_again_only_once_released():
+  pool = _rawio.BufferPool(per_size=2)
+  shape = (1 << 19,)  # 1 MiB of int16
+  a = pool.empty(shape, np.int16)
+  b = pool.empty(shape, np.int16)
+  assert a.ctypes.data != b.ctypes.data
+  view, address = a[::3], a.ctypes.data
+  del a
+  c = pool.empty(shape, np.int16)  # `view` still holds a's memory
+  assert c.ctypes.data not in (address, b.ctypes.data)
+  del view
+  d = pool.empty((1 << 18,), np.float32)  # same byte size, other shape and dtype
+  assert d.ctypes.data == address and d.shape == (1 << 18,) and d.dtype == np.float32
+  small = pool.empty((16,), np.int16)
+  assert small.base is None  # below MIN_BYTES: plain numpy
+
+
+def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
+  """Regions within one shard, across inner chunks, partial and at the array's edge."""
+  cfg = tiny_cfg('llada').replace(vocab_size=130)  # table shards of 128 rows and of 2
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', mesh='data=1,fsdp=2,tensor=2',
+                      progress=False)
+  arrays = _orbax_stream.open_stored_arrays(store.params_dir(tmp_path / 'ck'))
+  pool = _rawio.BufferPool()
+  pool.MIN_BYTES = 0  # pooled (page-aligned) buffers for these tiny reads too
+  indices = {'layers/mlp/gate_proj': [0, 1, (1, slice(3, 40))],
+             'layers/attn/k_proj': [1, (0, slice(None), 1)],
+             'embedder/embedding': [slice(0, 128), slice(7, 61), slice(128, 130),
+                                    (slice(100, 120), slice(5, 9))],
+             'final_norm/scale': [(), slice(10, 20)]}
+  for key, cases in indices.items():
+    raw = _rawio.RawZarr3.open(arrays[key])
+    assert raw is not None, key
+    for index in cases:
+      got = raw.read(index, pool)
+      want = arrays[key][index].read().result()
+      assert got is not None and got.shape == want.shape, (key, index)
+      assert got.tobytes() == want.tobytes(), (key, index)
+  # A region over two shards is left to TensorStore.
+  assert _rawio.RawZarr3.open(arrays['layers/mlp/gate_proj']).read(slice(0, 2), pool) is None
+  assert _rawio.RawZarr3.open(arrays['embedder/embedding']).read(slice(120, 130), pool) is None
+
+
+def test_streaming_save_writes_every_shard_directly(tmp_path, monkeypatch):
+  written = []
+  write = _rawio.RawZarr3.write
+  monkeypatch.setattr(_rawio.RawZarr3, 'write',
+                      lambda self, index, data: written.append(write(self, index, data)) or
+                      written[-1])
+  cfg = tiny_cfg('illada')
+  tensors = make_tensors(cfg)
+  write_hf(tmp_path / 'hf', cfg, tensors)
+  checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
+  assert written == [True] * (9 * cfg.num_layers + 2)  # 9 per layer, embedding, final norm
+  _, params = illada_jax.load_checkpoint(tmp_path / 'ck')  # read back by Orbax/TensorStore
+  np.testing.assert_array_equal(np.asarray(params['layers']['attn']['o_proj'][1]).reshape(
+      -1, cfg.d_model).T, tensors['model.layers.1.self_attn.o_proj.weight'])
+
+
+def test_direct_shard_reads_refuse_a_corrupt_index(tmp_path):
+  cfg = tiny_cfg('illada')
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
+  shard = tmp_path / 'ck' / 'params' / 'layers.attn.q_proj' / 'c' / '1' / '0' / '0' / '0'
+  data = bytearray(shard.read_bytes())
+  data[-10] ^= 1  # inside the index: its CRC-32C no longer matches
+  shard.write_bytes(bytes(data))
+  raw = _rawio.RawZarr3.open(_orbax_stream.open_stored_arrays(store.params_dir(tmp_path / 'ck'))['layers/attn/q_proj'])
+  assert raw.read(0, _rawio.BufferPool()) is not None
+  assert raw.read(1, _rawio.BufferPool()) is None
+
+
+def test_crc32c_check_value():
+  assert _rawio.crc32c(b'123456789') == 0xE3069283
