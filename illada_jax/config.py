@@ -77,11 +77,6 @@ class ModelConfig:
 
   # -- derived ---------------------------------------------------------------
   @property
-  def group_size(self) -> int:
-    """Query heads per KV head (G)."""
-    return self.num_heads // self.num_kv_heads
-
-  @property
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.compute_dtype)
 
