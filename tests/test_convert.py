@@ -104,6 +104,26 @@ def test_logits_from_converted_checkpoint_match_reference(tmp_path, family):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
+def test_small_llada_checkpoint_without_bos_converts(tmp_path):
+  """config.json as the reference's classes write it: no bos_token_id, no eot_token_id."""
+  cfg = tiny_cfg('llada')
+  hf_config = {k: v for k, v in cfg.to_hf().items() if k not in ('bos_token_id', 'eot_token_id')}
+  tensors = make_tensors(cfg, seed=5)
+  write_hf(tmp_path / 'hf', cfg, tensors, hf_config=hf_config)
+  got = checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', dtype='float32', progress=False)
+  assert got == cfg.replace(bos_token_id=None, eot_token_id=None, param_dtype='float32')
+  loaded, params = illada_jax.load_checkpoint(tmp_path / 'ck')
+  assert loaded == got
+  run_cfg = loaded.replace(compute_dtype='float32', remat_policy='none')
+  tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (1, 9), dtype=np.int32)
+  np.testing.assert_allclose(np.asarray(illada_jax.forward(run_cfg, params, jnp.asarray(tokens))),
+                             reference_logits(cfg, tensors, tokens), rtol=2e-4, atol=2e-4)
+  checkpoint.orbax_to_hf(tmp_path / 'ck', tmp_path / 'back', progress=False)
+  with open(tmp_path / 'back' / 'config.json') as f:
+    back = json.load(f)
+  assert 'bos_token_id' not in back and 'eot_token_id' not in back
+
+
 def test_mesh_option_sets_read_chunks_to_device_shards(tmp_path):
   cfg = tiny_cfg('illada')
   write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
