@@ -84,8 +84,12 @@ def default_read_chunk(write_chunk: tuple[int, ...], itemsize: int,
   """A divisor of `write_chunk` of at most READ_CHUNK_BYTES.
 
   Starts from `gcd(prefer, write_chunk)` per dim (e.g. a device's shard shape
-  on the target mesh) and halves the largest even dimension until small
+  on the target mesh) and halves the leading even dimension until small
   enough; zarr3 sharding needs inner chunks that divide the outer chunk.
+  Halving the leading dimension keeps the inner chunks contiguous slabs of
+  the outer chunk, so `_rawio.RawZarr3` writes and reads a whole shard
+  without a copy; on the default all-fsdp mesh it also splits the gate and
+  up projections along the dimension FSDP shards.
   """
   chunk = list(write_chunk)
   if prefer is not None:
@@ -94,8 +98,7 @@ def default_read_chunk(write_chunk: tuple[int, ...], itemsize: int,
     even = [i for i, c in enumerate(chunk) if c % 2 == 0]
     if not even:
       break
-    i = max(even, key=lambda j: chunk[j])
-    chunk[i] //= 2
+    chunk[even[0]] //= 2
   return tuple(chunk)
 
 

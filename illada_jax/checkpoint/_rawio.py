@@ -28,6 +28,7 @@ import concurrent.futures
 import errno
 import fcntl
 import math
+import mmap
 import os
 import queue
 import sys
@@ -40,6 +41,8 @@ from illada_jax.util import round_up
 
 ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and sizes
 READ_CALL_BYTES = 1 << 30  # Linux reads at most ~2 GiB per call
+ZERO_COPY_BYTES = 1 << 20  # DirectFile writes at least this much straight from the caller's array
+HUGE_PAGE = 2 << 20
 
 
 class BufferPool:
@@ -106,9 +109,25 @@ def pread_aligned(fd: int, offset: int, nbytes: int, pool: BufferPool) -> np.nda
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
-  """An uninitialised uint8 array of `nbytes` starting on a 4 KiB page boundary."""
-  raw = np.empty(nbytes + ALIGN, np.uint8)
-  start = -raw.ctypes.data % ALIGN
+  """An uninitialised uint8 array of `nbytes` starting on a 4 KiB page boundary.
+
+  Large ones are their own anonymous mapping with transparent huge pages
+  requested: the first touch of a fresh 117 MB buffer cost 0.31 s CPU in
+  4 KiB page faults on the 2-core VM, 0.02-0.04 s with huge pages (its THP
+  mode is `madvise`).
+  """
+  if nbytes < HUGE_PAGE:
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes]
+  m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  if hasattr(mmap, 'MADV_HUGEPAGE'):
+    try:
+      m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP: ordinary pages
+      pass
+  raw = np.frombuffer(m, np.uint8)
+  start = -raw.ctypes.data % HUGE_PAGE
   return raw[start:start + nbytes]
 
 
@@ -123,10 +142,11 @@ class DirectFile:
   Buffered writes of a 15 GB checkpoint cost more kernel time here than
   anything else in orbax-to-hf (copying into fresh page-cache pages, then
   write-back): `dd` of 3.9 GB with `sync` took 16 s buffered and 4 s with
-  `oflag=direct` on this machine. Bytes are gathered in a page-aligned
-  staging buffer, and a full buffer is written by a background thread while
-  the other one fills; the last partial block is padded to the alignment and
-  the file truncated to its true size. Where the filesystem refuses
+  `oflag=direct` on this machine. Page-aligned arrays (the pool's buffers)
+  are written straight from their memory; other bytes are gathered in a
+  page-aligned staging buffer. Either way the write runs on a background
+  thread while the caller produces the next bytes; the last partial block
+  is padded to the alignment and the file truncated to its true size. Where the filesystem refuses
   `O_DIRECT` (tmpfs), it writes normally.
   """
 
@@ -145,10 +165,24 @@ class DirectFile:
     self.pending: concurrent.futures.Future | None = None  # the other buffer's write
 
   def write(self, data) -> None:
-    """Appends the bytes of `data` (bytes or a flat uint8 array)."""
+    """Appends the bytes of `data` (bytes or a flat uint8 array).
+
+    While the staging buffer is empty, whole 4 KiB blocks of a page-aligned
+    `data` are written straight from it, without a copy; `data` must then
+    stay unchanged until the next write or the end of the `with` block.
+    """
     data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
     done = 0
     while done < len(data):
+      if self.fill == 0 and self.direct and (data.ctypes.data + done) % ALIGN == 0:
+        n = (len(data) - done) // ALIGN * ALIGN
+        if n >= ZERO_COPY_BYTES:
+          self._wait()
+          self.pending = _writer().submit(_pwrite_all, self.fd, data[done:done + n], self.offset)
+          self.offset += n
+          self.size += n
+          done += n
+          continue
       n = min(len(data) - done, len(self.buf) - self.fill)
       self.buf[self.fill:self.fill + n] = data[done:done + n]
       self._filled(n)
@@ -391,30 +425,64 @@ class RawZarr3:
     if region is None:
       return None
     lo, hi, keep, shard = region
-    path = self._path(shard)
-    out = pool.empty(tuple(b - a for a, b in zip(lo, hi)), self.dtype)
     try:
-      fd = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECT', 0))
+      fd = os.open(self._path(shard), os.O_RDONLY | getattr(os, 'O_DIRECT', 0))
     except OSError:
       return None
     try:
-      if not self._copy_region(fd, shard, lo, hi, out, pool):
+      index_table = self._index(fd, pool)
+      if index_table is None:
         return None
+      out = self._read_slabs(fd, index_table, shard, lo, hi, pool)
+      if out is None:
+        out = pool.empty(tuple(b - a for a, b in zip(lo, hi)), self.dtype)
+        if not self._copy_region(fd, index_table, shard, lo, hi, out, pool):
+          return None
     except OSError:
       return None
     finally:
       os.close(fd)
     return out.reshape(tuple(n for n, k in zip(out.shape, keep) if k))
 
-  def _copy_region(self, fd, shard, lo, hi, out, pool) -> bool:
-    size = os.fstat(fd).st_size
-    data_end = size - self.index_bytes
+  def _index(self, fd, pool) -> tuple[np.ndarray, int] | None:
+    """(the shard's (offset, nbytes) table over the inner grid, where the data ends), if valid."""
+    data_end = os.fstat(fd).st_size - self.index_bytes
     if data_end < 0:
-      return False
+      return None
     raw = pread_aligned(fd, data_end, self.index_bytes, pool)
     if raw is None or crc32c(raw[:-4].tobytes()) != int.from_bytes(raw[-4:].tobytes(), 'little'):
-      return False
-    table = raw[:-4].view('<u8').reshape(self.grid + (2,))
+      return None
+    return raw[:-4].view('<u8').reshape(self.grid + (2,)), data_end
+
+  def _read_slabs(self, fd, index_table, shard, lo, hi, pool) -> np.ndarray | None:
+    """A whole shard whose inner chunks are consecutive slabs, in one read and no copy; else None.
+
+    That is the layout `_orbax_stream.default_read_chunk` picks: the inner
+    chunks split one dimension, every dimension before it has extent 1 and
+    every one after it is whole, and the chunks are stored in order. Only
+    the split dimension may end early (at the array's edge): its padding
+    then lies after the data.
+    """
+    table, data_end = index_table
+    split = next((d for d, (i, c) in enumerate(zip(self.inner, self.chunk)) if i != c), 0)
+    base = [s * c for s, c in zip(shard, self.chunk)]
+    extent = [b - a for a, b in zip(lo, hi)]
+    if (lo != base or any(c != 1 for c in self.chunk[:split])
+        or self.inner[split + 1:] != self.chunk[split + 1:]
+        or any(e != c for e, c in zip(extent[split + 1:], self.chunk[split + 1:]))
+        or extent[split] != min(self.chunk[split], self.shape[split] - base[split])):
+      return None
+    inner_nbytes = math.prod(self.inner) * self.dtype.itemsize
+    used = -(-extent[split] // self.inner[split])  # inner chunks that hold data
+    rows = table.reshape(-1, 2)[:used]
+    if not np.array_equal(rows[:, 0], np.arange(used) * inner_nbytes) or np.any(
+        rows[:, 1] != inner_nbytes) or used * inner_nbytes > data_end:
+      return None
+    data = pread_aligned(fd, 0, math.prod(extent) * self.dtype.itemsize, pool)
+    return None if data is None else data.view(self.dtype).reshape(extent)
+
+  def _copy_region(self, fd, index_table, shard, lo, hi, out, pool) -> bool:
+    table, data_end = index_table
     inner_nbytes = math.prod(self.inner) * self.dtype.itemsize
     base = [s * c for s, c in zip(shard, self.chunk)]
     first = [(a - b0) // i for a, b0, i in zip(lo, base, self.inner)]

@@ -269,7 +269,9 @@ def write_safetensors(dst_dir: str, tensors: list[OutTensor], shard_size: int,
   try:
     for (fname, header), shard in zip(headers, shards):
       raw = json.dumps(header, separators=(',', ':')).encode()
-      raw += b' ' * (-len(raw) % 8)
+      # Spaces (allowed after the JSON) align the data to 4 KiB, so that
+      # aligned tensors are written without a copy (`DirectFile.write`).
+      raw += b' ' * (-(8 + len(raw)) % _rawio.ALIGN)
       with _rawio.DirectFile(os.path.join(dst_dir, fname)) as f:
         f.write(len(raw).to_bytes(8, 'little'))
         f.write(raw)
