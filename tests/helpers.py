@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import illada_jax
-from illada_jax import data, text_tokenizer
+from illada_jax import data, text_tokenizer, train_config
 from illada_jax.optimizer import OptimizerConfig
 
 BF16 = ml_dtypes.bfloat16
@@ -208,7 +208,6 @@ def make_data(root):
 
 def tiny_config(root, **kw):
   """A `TrainConfig` of `TRAIN_MODEL` on `make_data(root)`, 8 steps on 8 devices; `kw` overrides."""
-  from illada_jax import train
   docs, tok = make_data(root)
   base = dict(model=TRAIN_MODEL, data=data.DataConfig(paths=(docs,), tokenizer=tok),
               optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2, total_steps=8),
@@ -216,7 +215,7 @@ def tiny_config(root, **kw):
               workdir=os.path.join(root, 'run'), log_every=1, checkpoint_every=3,
               progress_bar=False, loss_chunk=8)
   base.update(kw)
-  return train.TrainConfig(**base)
+  return train_config.TrainConfig(**base)
 
 
 def write_train_config(path, cfg) -> str:
@@ -225,6 +224,6 @@ def write_train_config(path, cfg) -> str:
     f.write('from illada_jax.config import ModelConfig\n'
             'from illada_jax.data import DataConfig\n'
             'from illada_jax.optimizer import OptimizerConfig\n'
-            'from illada_jax.train import TrainConfig\n\n'
+            'from illada_jax.train_config import TrainConfig\n\n'
             f'CONFIG = {cfg!r}\n')
   return str(path)
