@@ -119,7 +119,8 @@ def test_direct_shard_reads_refuse_a_corrupt_index(tmp_path):
   data = bytearray(shard.read_bytes())
   data[-10] ^= 1  # inside the index: its CRC-32C no longer matches
   shard.write_bytes(bytes(data))
-  raw = _rawio.RawZarr3.open(_orbax_stream.open_stored_arrays(store.params_dir(tmp_path / 'ck'))['layers/attn/q_proj'])
+  arrays = _orbax_stream.open_stored_arrays(store.params_dir(tmp_path / 'ck'))
+  raw = _rawio.RawZarr3.open(arrays['layers/attn/q_proj'])
   assert raw.read(0, _rawio.BufferPool()) is not None
   assert raw.read(1, _rawio.BufferPool()) is None
 

@@ -196,7 +196,7 @@ class _Progress:
 
 
 class _Destination:
-  """A temporary sibling of `dst`, renamed onto `dst` by `commit`, removed on failure."""
+  """A temporary sibling of `dst`: renamed onto it if the `with` block succeeds, else removed."""
 
   def __init__(self, dst: str | os.PathLike, overwrite: bool):
     self.dst = os.path.abspath(dst)
