@@ -96,11 +96,10 @@ def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
 
 
 def test_streaming_save_writes_every_shard_directly(tmp_path, monkeypatch):
-  written = []
-  write = _rawio.RawZarr3.write
-  monkeypatch.setattr(_rawio.RawZarr3, 'write',
-                      lambda self, index, data: written.append(write(self, index, data)) or
-                      written[-1])
+  written = []  # every shard goes through write_pieces (write hands its chunks to it)
+  write = _rawio.RawZarr3.write_pieces
+  monkeypatch.setattr(_rawio.RawZarr3, 'write_pieces',
+                      lambda self, *args: written.append(write(self, *args)) or written[-1])
   cfg = tiny_cfg('illada')
   tensors = make_tensors(cfg)
   write_hf(tmp_path / 'hf', cfg, tensors)
@@ -156,35 +155,36 @@ def test_direct_writer_writes_aligned_arrays_without_a_copy(tmp_path, monkeypatc
     assert not from_a and not from_b
 
 
-def test_whole_shard_reads_of_slab_chunks_need_no_copy(tmp_path, monkeypatch):
-  """Inner chunks split along the leading dimension: one read per shard, edge shards too."""
-  monkeypatch.setattr(_orbax_stream, 'READ_CHUNK_BYTES', 2048)  # split the tiny tensors
+def test_whole_shards_of_slabs_and_single_chunks_are_read_without_a_copy(tmp_path, monkeypatch):
+  """Small read chunks: tables split into row slabs, layer tensors into blocks of HF rows."""
+  monkeypatch.setattr(_orbax_stream, 'READ_CHUNK_BYTES', 2048)
   cfg = tiny_cfg('llada').replace(vocab_size=130)  # table shards of 128 rows and of 2
   write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
   checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
   arrays = _orbax_stream.open_stored_arrays(store.params_dir(tmp_path / 'ck'))
-  slabs = []
-  read_slabs = _rawio.RawZarr3._read_slabs
-  monkeypatch.setattr(_rawio.RawZarr3, '_read_slabs',
-                      lambda *a: slabs.append(read_slabs(*a)) or slabs[-1])
+  fast = []
+  for name in ('_read_slabs', '_read_one_chunk'):
+    method = getattr(_rawio.RawZarr3, name)
+    monkeypatch.setattr(_rawio.RawZarr3, name, lambda *a, method=method, name=name: fast.append(
+        (name, method(*a) is not None)) or method(*a))
   pool = _rawio.BufferPool()
   pool.MIN_BYTES = 0
-  # (key, index, one read?): an lm_head edge shard is short in its last dimension, so its
-  # padding lies between the rows and it is read chunk by chunk.
-  for key, index, one_read in [
-      ('layers/mlp/gate_proj', 1, True), ('layers/attn/o_proj', 0, True),
-      ('embedder/embedding', slice(0, 128), True), ('embedder/embedding', slice(128, 130), True),
-      ('lm_head', (slice(None), slice(0, 128)), True),
-      ('lm_head', (slice(None), slice(128, 130)), False), ('final_norm/scale', (), True)]:
+  gate = _rawio.RawZarr3.open(arrays['layers/mlp/gate_proj'])
+  assert gate.inner[:2] == gate.chunk[:2] and gate.inner[2] < gate.chunk[2]  # HF row blocks
+  f = gate.inner[2]
+  d = _rawio.RawZarr3.open(arrays['layers/attn/o_proj']).inner[3]
+  # (key, index, the read that returns it without a copy, or None: chunk by chunk). An
+  # lm_head edge shard is short in its last dimension, so its padding lies between rows.
+  for key, index, path in [
+      ('embedder/embedding', slice(0, 128), '_read_slabs'),
+      ('embedder/embedding', slice(128, 130), '_read_slabs'),
+      ('layers/mlp/gate_proj', (1, slice(None), slice(f, 2 * f)), '_read_one_chunk'),
+      ('layers/attn/o_proj', (0, slice(None), slice(None), slice(d, 2 * d)), '_read_one_chunk'),
+      ('layers/mlp/gate_proj', 1, None),
+      ('lm_head', (slice(None), slice(128, 130)), None)]:
     raw = _rawio.RawZarr3.open(arrays[key])
-    assert raw.inner != raw.chunk or key == 'final_norm/scale', (key, raw.inner)
-    slabs.clear()
+    fast.clear()
     got = raw.read(index, pool)
     want = arrays[key][index].read().result()
     assert got.shape == want.shape and got.tobytes() == want.tobytes(), (key, index)
-    assert len(slabs) == 1 and (slabs[0] is not None) == one_read, (key, index)
-  raw = _rawio.RawZarr3.open(arrays['layers/mlp/gate_proj'])
-  slabs.clear()
-  part = raw.read((1, slice(3, 40)), pool)  # part of a shard: chunk by chunk
-  assert slabs == [None] and part.tobytes() == arrays['layers/mlp/gate_proj'][1, 3:40].read(
-      ).result().tobytes()
+    assert [n for n, ok in fast if ok] == ([path] if path else []), (key, index, fast)

@@ -33,7 +33,8 @@ def test_safetensors_writer_with_and_without_o_direct(tmp_path, monkeypatch, dir
   """Sizes that are not multiples of the 4 KiB block and span several staging buffers."""
   if not direct:
     monkeypatch.delattr(os, 'O_DIRECT', raising=False)
-  monkeypatch.setattr(_rawio.DirectFile.__init__, '__defaults__', (1 << 16, True))  # 64 KiB staging
+  defaults = _rawio.DirectFile.__init__.__defaults__
+  monkeypatch.setattr(_rawio.DirectFile.__init__, '__defaults__', (1 << 16,) + defaults[1:])  # 64 KiB
   rng = np.random.default_rng(3)
   arrays = {'x': rng.standard_normal((3,)).astype(BF16),
             'y': rng.standard_normal((300, 77)).astype(np.float32),

@@ -147,12 +147,16 @@ class DirectFile:
   page-aligned staging buffer. Either way the write runs on a background
   thread while the caller produces the next bytes; the last partial block
   is padded to the alignment and the file truncated to its true size. With
-  `sync=False` the caller flushes the file itself. Where the filesystem refuses
+  `sync=False` the caller flushes the file itself; with `close_later=True`
+  leaving the `with` block does not wait for the last writes (the next
+  file's start overlaps them), and `wait_closed()` waits for all. Where the filesystem refuses
   `O_DIRECT` (tmpfs), it writes normally.
   """
 
-  def __init__(self, path: str, buffer_bytes: int = 16 << 20, sync: bool = True):
+  def __init__(self, path: str, buffer_bytes: int = 16 << 20, sync: bool = True,
+               close_later: bool = False):
     self.sync = sync  # fsync on close; off where the caller flushes many files at once
+    self.close_later = close_later  # finish on the writer thread; see `wait_closed`
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0)
     self.direct = hasattr(os, 'O_DIRECT')
     try:
@@ -239,25 +243,48 @@ class DirectFile:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None and self.close_later:
+      # The writer thread runs tasks in order: this one after the pending write.
+      _CLOSING.append(_writer().submit(self._finish))
+      return
     try:
       if exc_type is None:
-        self._wait()
-        tail = self.fill
-        if self.direct and tail % ALIGN:
-          padded = tail + (-tail % ALIGN)
-          self.buf[tail:padded] = 0
-          _pwrite_all(self.fd, self.buf[:padded], self.offset)
-          os.ftruncate(self.fd, self.size)
-        elif tail:
-          _pwrite_all(self.fd, self.buf[:tail], self.offset)
-        if self.sync:
-          os.fsync(self.fd)
+        self._finish()
     finally:
       try:
         if self.pending is not None:
           concurrent.futures.wait([self.pending])
       finally:
-        os.close(self.fd)
+        if self.fd >= 0:
+          os.close(self.fd)
+
+  def _finish(self) -> None:
+    """Writes the tail, truncates the block padding, fsyncs (if asked) and closes."""
+    try:
+      self._wait()
+      tail = self.fill
+      if self.direct and tail % ALIGN:
+        padded = tail + (-tail % ALIGN)
+        self.buf[tail:padded] = 0
+        _pwrite_all(self.fd, self.buf[:padded], self.offset)
+        os.ftruncate(self.fd, self.size)
+      elif tail:
+        _pwrite_all(self.fd, self.buf[:tail], self.offset)
+      if self.sync:
+        os.fsync(self.fd)
+    finally:
+      os.close(self.fd)
+      self.fd = -1
+
+
+# Files whose `close_later` finish is queued on the writer thread.
+_CLOSING: list[concurrent.futures.Future] = []
+
+
+def wait_closed() -> None:
+  """Waits until every `DirectFile(close_later=True)` is written and closed; re-raises errors."""
+  while _CLOSING:
+    _CLOSING.pop(0).result()
 
 
 _writer_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -392,37 +419,63 @@ class RawZarr3:
 
   def write(self, index, data: np.ndarray) -> bool:
     """Writes `array[index] = data`, where `index` is exactly one shard; False if it is not."""
-    region = self._region(index)
-    if region is None:
+    shape = self._shard_shape(index)
+    if shape is None:
       return False
-    lo, hi, _, shard = region
-    if any(a != s * c or b != min(self.shape[d], a + c)
-           for d, (a, b, s, c) in enumerate(zip(lo, hi, shard, self.chunk))):
+    data = np.asarray(data, self.dtype).reshape(shape)
+    return self.write_pieces(index, shape, (data[region] for region in self._pieces(shape)))
+
+  def write_pieces(self, index, shape, pieces: Iterator[np.ndarray]) -> bool:
+    """Writes one shard from its inner chunks in C order of the inner grid; False if `index`
+    is not exactly one shard of `shape` (then `pieces` is untouched).
+
+    Chunks past the array's edge are not given (they stay missing and read as
+    the fill value); one cut by the edge is given cut and padded here.
+    """
+    if self._shard_shape(index) != tuple(shape):
       return False
-    data = np.asarray(data, self.dtype).reshape(tuple(b - a for a, b in zip(lo, hi)))
+    shard = self._region(index)[3]
     table = np.full(self.grid + (2,), np.iinfo(np.uint64).max, '<u8')  # all ones: missing
     inner_nbytes = math.prod(self.inner) * self.dtype.itemsize
     path = self._path(shard)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Not fsynced here: one shard file per layer tensor made the writer wait
-    # for ~400 flushes in turn; `save_streaming` flushes the item at the end.
-    with DirectFile(path, sync=False) as f:
+    # Neither fsynced nor waited for here: with one shard file per layer
+    # tensor the writer drained ~300 times; `save_streaming` waits for all
+    # files and flushes the item once at the end.
+    with DirectFile(path, sync=False, close_later=True) as f:
       offset = 0
-      for k in np.ndindex(*self.grid):
-        start = [kk * i for kk, i in zip(k, self.inner)]
-        if any(a >= n for a, n in zip(start, data.shape)):
-          continue  # wholly past the array's edge: left missing (reads as fill)
-        part = data[tuple(slice(a, a + i) for a, i in zip(start, self.inner))]
-        if part.shape != self.inner:  # at the edge: zarr stores whole chunks
+      for region in self._pieces(shape):
+        part = np.asarray(next(pieces), self.dtype)
+        cut = tuple(r.stop - r.start for r in region)
+        if part.shape != cut:
+          raise ValueError(f'{path}: chunk {region} given as {part.shape}')
+        if cut != self.inner:  # at the edge: zarr stores whole chunks
           padded = np.zeros(self.inner, self.dtype)
-          padded[tuple(slice(0, n) for n in part.shape)] = part
+          padded[tuple(slice(0, n) for n in cut)] = part
           part = padded
         f.write_array(part)
-        table[k] = (offset, inner_nbytes)
+        table[tuple(r.start // i for r, i in zip(region, self.inner))] = (offset, inner_nbytes)
         offset += inner_nbytes
       index_bytes = table.tobytes()
       f.write(index_bytes + crc32c(index_bytes).to_bytes(4, 'little'))
     return True
+
+  def _shard_shape(self, index) -> tuple[int, ...] | None:
+    """The shape of `array[index]` if `index` is exactly one shard, else None."""
+    region = self._region(index)
+    if region is None:
+      return None
+    lo, hi, _, shard = region
+    if any(a != s * c or b != min(self.shape[d], a + c)
+           for d, (a, b, s, c) in enumerate(zip(lo, hi, shard, self.chunk))):
+      return None
+    return tuple(b - a for a, b in zip(lo, hi))
+
+  def _pieces(self, shape) -> Iterator[tuple[slice, ...]]:
+    """Shard-relative regions of the inner chunks that hold data, in C order of the grid."""
+    counts = [-(-n // i) for n, i in zip(shape, self.inner)]
+    for k in np.ndindex(*counts):
+      yield tuple(slice(j * i, min(n, (j + 1) * i)) for j, i, n in zip(k, self.inner, shape))
 
   def read(self, index, pool: BufferPool) -> np.ndarray | None:
     """`array[index]` (ints and unit-step slices) if it lies within one shard, else None."""
@@ -438,7 +491,9 @@ class RawZarr3:
       index_table = self._index(fd, pool)
       if index_table is None:
         return None
-      out = self._read_slabs(fd, index_table, shard, lo, hi, pool)
+      out = (self._read_slabs(fd, index_table, shard, lo, hi, pool)
+             if tuple(b - a for a, b in zip(lo, hi)) != self.inner
+             else self._read_one_chunk(fd, index_table, shard, lo, pool))
       if out is None:
         out = pool.empty(tuple(b - a for a, b in zip(lo, hi)), self.dtype)
         if not self._copy_region(fd, index_table, shard, lo, hi, out, pool):
@@ -485,6 +540,18 @@ class RawZarr3:
       return None
     data = pread_aligned(fd, 0, math.prod(extent) * self.dtype.itemsize, pool)
     return None if data is None else data.view(self.dtype).reshape(extent)
+
+  def _read_one_chunk(self, fd, index_table, shard, lo, pool) -> np.ndarray | None:
+    """The inner chunk starting at `lo` (a whole one) in one read and no copy, else None."""
+    table, data_end = index_table
+    base = [s * c for s, c in zip(shard, self.chunk)]
+    k, rem = zip(*(divmod(a - b, i) for a, b, i in zip(lo, base, self.inner)))
+    offset, nbytes = (int(v) for v in table[k])
+    if any(rem) or nbytes != math.prod(self.inner) * self.dtype.itemsize or (
+        offset + nbytes > data_end):
+      return None
+    data = pread_aligned(fd, offset, nbytes, pool)
+    return None if data is None else data.view(self.dtype).reshape(self.inner)
 
   def _copy_region(self, fd, index_table, shard, lo, hi, out, pool) -> bool:
     table, data_end = index_table

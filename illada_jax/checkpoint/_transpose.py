@@ -14,8 +14,19 @@ from illada_jax.checkpoint import _rawio
 from illada_jax.config import ModelConfig
 
 
+def row_axis(kind: str, cfg: ModelConfig) -> tuple[int, int]:
+  """(dim, HF rows per step): where consecutive HF rows lie in a parameter slice (one layer).
+
+  HF rows `[r0, r1)` of a tensor are the slice `[r0 // step, r1 // step)`
+  along `dim` of its parameter slice, whole along every other dim, so a
+  block of rows (a contiguous range of the file) converts on its own.
+  """
+  return {'copy': (0, 1), 'qkv': (1, cfg.head_dim), 'o': (2, 1), 'linear': (1, 1),
+          'head': (1, 1)}[kind]
+
+
 def to_param(kind: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-  """HF tensor (one layer) -> parameter slice, C-contiguous (transposed by `transpose2d`).
+  """HF tensor (one layer, or a block of its rows) -> parameter slice, C-contiguous.
 
   TensorStore copies a strided (transposed) view element by element, which
   was the largest CPU cost of hf-to-orbax; a contiguous block is a memcpy.
@@ -31,7 +42,7 @@ def to_param(kind: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 
 def from_param(kind: str, p: np.ndarray) -> np.ndarray:
-  """Inverse of `to_param`: parameter slice -> contiguous HF tensor."""
+  """Inverse of `to_param`: parameter slice -> contiguous HF tensor (or block of rows)."""
   if kind == 'qkv':
     return transpose2d(p.reshape(p.shape[0], -1))
   if kind == 'o':
@@ -75,7 +86,10 @@ def transpose2d(a: np.ndarray, pool: _rawio.BufferPool | None = _rawio.POOL) -> 
     words = dst[:, :packed].view(_WORD)  # [cols, packed / g]
 
     def work(r_begin, r_end):
-      scratch = np.empty((block // g, cols, g), u)
+      # From the pool: a fresh scratch (up to 7 MB) per call was faulted in
+      # again each time, most of the converter's system time.
+      scratch = (pool.empty((block // g, cols, g), u) if pool is not None
+                 else np.empty((block // g, cols, g), u))
       for r0 in range(r_begin, r_end, block):
         n = (min(r_end, r0 + block) - r0) // g
         rows_gC = src[r0:r0 + n * g]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from illada_jax import sharding as sharding_lib
 from illada_jax.checkpoint import _orbax_stream, _rawio, store
-from illada_jax.checkpoint._transpose import from_param, to_param
+from illada_jax.checkpoint._transpose import from_param, row_axis, to_param
 from illada_jax.checkpoint.errors import ConversionError
 from illada_jax.checkpoint.hf_names import embedding_name, head_name, layout
 from illada_jax.checkpoint.safetensors_io import (ST_DTYPES, HFSource, OutTensor, parse_size,
@@ -131,49 +132,102 @@ def _read_chunk_prefs(cfg: ModelConfig, mesh_shape) -> dict[str, tuple[int, ...]
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Block:
+  """One outer chunk of a parameter and the Hugging Face rows it comes from."""
+  index: Any  # into the stored array: a layer, a row range of a table, or ()
+  hf: str  # HF tensor name
+  rows: tuple[int, int]  # HF rows [r0, r1)
+  shape: tuple[int, ...]  # of the block
+
+
+def _param_blocks(m, cfg: ModelConfig, itemsize: int):
+  """(write chunk, the dim of the stored array the HF rows run along, blocks) of parameter `m`."""
+  shape = m.shape(cfg)
+  dim = row_axis(m.kind, cfg)[0]
+  if m.stacked:
+    chunk = (1,) + shape[1:]
+    return chunk, 1 + dim, [_Block(i, m.hf_name(i), (0, m.hf_shape[0]), chunk)
+                            for i in range(cfg.num_layers)]
+  if m.kind in ('copy', 'head') and len(shape) == 2:  # [V, D] / [D, V] tables: row blocks
+    rows = _table_rows(cfg.d_model * itemsize, cfg.vocab_size)
+    chunk = list(shape)
+    chunk[dim] = rows
+    blocks = []
+    for r0, r1 in _blocks(cfg.vocab_size, rows):
+      block = list(shape)
+      block[dim] = r1 - r0
+      index = slice(r0, r1) if dim == 0 else (slice(None), slice(r0, r1))
+      blocks.append(_Block(index, m.hf_name(), (r0, r1), tuple(block)))
+    return tuple(chunk), dim, blocks
+  return shape, dim, [_Block((), m.hf_name(), (0, m.hf_shape[0]), shape)]
+
+
 def _lazy_tree(src: HFSource, cfg: ModelConfig, prefs, progress) -> dict[str, Any]:
+  """The parameter tree as `LazyArray`s that read, convert and hand over their blocks.
+
+  Where every inner chunk is a block of HF rows (`default_read_chunk` splits
+  only the dimension the rows run along), a block is handed over as
+  `Pieces`: rows are read, transposed and written an inner chunk (<= 16 MB)
+  at a time, so little memory is in flight (on the VM this was measured on,
+  first touches of fresh memory were most of the converter's CPU time).
+  Otherwise a block is converted whole.
+  """
   dtype = np.dtype(cfg.param_dtype)
   tree: dict[str, Any] = {}
   for m in layout(cfg):
-    shape = m.shape(cfg)
-    if m.stacked:
-      write_chunk = (1,) + shape[1:]
-
-      def blocks(m=m):
-        for i in range(cfg.num_layers):
-          p = to_param(m.kind, read_tensor(src.entries[m.hf_name(i)], pool=_rawio.POOL), cfg)
-          progress.tensor_done()
-          yield i, p
-    elif m.kind in ('copy', 'head') and len(shape) == 2:
-      rows = _table_rows(cfg.d_model * dtype.itemsize, cfg.vocab_size)
-      write_chunk = (rows, shape[1]) if m.kind == 'copy' else (shape[0], rows)
-
-      def blocks(m=m, rows=rows):
-        entry = src.entries[m.hf_name()]
-        for r0, r1 in _blocks(cfg.vocab_size, rows):
-          a = read_tensor(entry, (r0, r1), pool=_rawio.POOL)
-          index = slice(r0, r1) if m.kind == 'copy' else (slice(None), slice(r0, r1))
-          yield index, to_param(m.kind, a, cfg)
-        progress.tensor_done()
-    else:
-      write_chunk = shape
-
-      def blocks(m=m):
-        a = read_tensor(src.entries[m.hf_name()])
-        progress.tensor_done()
-        yield (), to_param(m.kind, a, cfg)
-    read_chunk = _orbax_stream.default_read_chunk(write_chunk, dtype.itemsize,
-                                                  None if prefs is None else prefs[m.key])
-    # Blocks are read and transposed in a worker thread, one or two ahead of
-    # TensorStore writing the previous ones: the two halves overlap.
-    ahead = lambda blocks=blocks: _rawio.in_background(blocks())
-    leaf = _orbax_stream.LazyArray(shape, dtype, write_chunk, ahead, read_chunk=read_chunk,
-                                   on_block=progress.add_bytes)
+    chunk, split, blocks = _param_blocks(m, cfg, dtype.itemsize)
+    read_chunk = _orbax_stream.default_read_chunk(
+        chunk, dtype.itemsize, None if prefs is None else prefs[m.key], split_dim=split)
+    streamed = all(r == c for d, (r, c) in enumerate(zip(read_chunk, chunk)) if d != split)
+    make = _streamed_blocks if streamed else _whole_blocks
+    leaf = _orbax_stream.LazyArray(
+        m.shape(cfg), dtype, chunk,
+        lambda m=m, make=make, blocks=blocks, read_chunk=read_chunk, split=split: make(
+            src, cfg, m, blocks, read_chunk, split, progress),
+        read_chunk=read_chunk, on_block=progress.add_bytes)
     node = tree
     for k in m.path[:-1]:
       node = node.setdefault(k, {})
     node[m.path[-1]] = leaf
   return tree
+
+
+def _streamed_blocks(src, cfg, m, blocks, read_chunk, split, progress):
+  """Blocks as `Pieces`, read and transposed by worker threads a few inner chunks ahead."""
+  step = row_axis(m.kind, cfg)[1]
+  per = read_chunk[split] * step  # HF rows per inner chunk
+
+  def reads():
+    for b in blocks:
+      for r0 in range(b.rows[0], b.rows[1], per):
+        r1 = min(b.rows[1], r0 + per)
+        cut = b.shape[:split] + ((r1 - r0) // step,) + b.shape[split + 1:]
+        yield cut, read_tensor(src.entries[b.hf], (r0, r1), pool=_rawio.POOL), r1
+      if b.rows[1] == m.hf_shape[0]:
+        progress.tensor_done()
+
+  def pieces():
+    for cut, a, _ in _rawio.in_background(reads(), depth=4):
+      yield to_param(m.kind, a, cfg).reshape(cut)
+
+  # Three threads: reading, transposing (itself on two) and, in the caller, writing.
+  flat = _rawio.in_background(pieces(), depth=4)
+  for b in blocks:
+    count = -(-b.shape[split] // read_chunk[split])
+    yield b.index, _orbax_stream.Pieces(b.shape, read_chunk, itertools.islice(flat, count))
+
+
+def _whole_blocks(src, cfg, m, blocks, read_chunk, split, progress):
+  """Blocks converted whole, in a worker thread one or two ahead of the writer."""
+  def convert():
+    for b in blocks:
+      rows = None if b.rows == (0, m.hf_shape[0]) else b.rows
+      a = read_tensor(src.entries[b.hf], rows, pool=_rawio.POOL)
+      yield b.index, to_param(m.kind, a, cfg).reshape(b.shape)
+      if b.rows[1] == m.hf_shape[0]:
+        progress.tensor_done()
+  return _rawio.in_background(convert())
 
 
 class _Progress:
@@ -275,70 +329,112 @@ def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
 # -- Orbax -> HF -------------------------------------------------------------------
 
 def _out_tensors(cfg: ModelConfig, arrays, tied_head: bool) -> list[OutTensor]:
-  """The HF tensors of a stored checkpoint, in layer order, each read slice by slice."""
+  """The HF tensors of a stored checkpoint, in layer order, each read block by block.
+
+  Where the stored inner chunks are blocks of HF rows (as `hf_to_orbax`
+  writes them), a tensor is read, transposed and written one inner chunk at
+  a time; otherwise one layer (or table row block) at a time.
+  """
   maps = {m.key: m for m in layout(cfg)}
-  layer_reads = [(m.key, i) for i in range(cfg.num_layers) for m in maps.values() if m.stacked]
-  read = _ReadAhead(arrays, layer_reads)
+  raws = {key: _rawio.RawZarr3.open(array) for key, array in arrays.items()}
+  plan: list[tuple[str, tuple]] = []  # every read, in the order the chunks below ask for them
+  read = _ReadAhead(arrays, raws, plan)
+  itemsize = {key: np.dtype(a.dtype.numpy_dtype).itemsize for key, a in arrays.items()}
 
-  def table(key, kind):
-    rows = _table_rows(cfg.d_model * 4, cfg.vocab_size)
+  def tensor(name, m, block):
+    """OutTensor `name`: the HF rows of `block` (a `_Block` of `m`), read a few at a time."""
+    dim = row_axis(m.kind, cfg)[0] + (1 if m.stacked else 0)
+    raw, extent = raws[m.key], block.shape[dim]
+    units = extent
+    if raw is not None and raw.chunk[dim] == chunks[m.key][dim] and all(
+        i == c for d, (i, c) in enumerate(zip(raw.inner, raw.chunk)) if d != dim):
+      units = raw.inner[dim]  # one inner chunk per read
+    start = _start(block.index, len(block.shape))
+    base = start[dim][0] if start[dim] else 0
+    reads = []
+    for u0 in range(0, extent, units):
+      index = list(start)
+      index[dim] = (base + u0, base + min(extent, u0 + units))
+      if m.stacked:
+        index[0] = start[0][0]  # an int: the layer axis is dropped
+      reads.append((m.key, tuple(index)))
+    plan.extend(reads)
+    return OutTensor(name, np.dtype(arrays[m.key].dtype.numpy_dtype), m.hf_shape,
+                     lambda: (from_param(m.kind, read(*r)) for r in reads))
 
-    def chunks():
-      for r0, r1 in _blocks(cfg.vocab_size, rows):
-        index = slice(r0, r1) if kind == 'copy' else (slice(None), slice(r0, r1))
-        yield from_param(kind, read(key, index))
-    return chunks
-
-  def one(m, i):
-    return lambda: [from_param(m.kind, read(m.key, () if i is None else i))]
-
-  dtype = lambda key: np.dtype(arrays[key].dtype.numpy_dtype)
+  chunks, blocks = {}, {}
+  for m in maps.values():
+    chunks[m.key], _, blocks[m.key] = _param_blocks(m, cfg, itemsize[m.key])
+  out = []
   e = maps['embedder/embedding']
-  out = [OutTensor(e.hf_name(), dtype(e.key), e.hf_shape, table(e.key, 'copy'))]
+  out += _tensors_of(tensor, e.hf_name(), e, blocks[e.key])
   for i in range(cfg.num_layers):
-    out += [OutTensor(m.hf_name(i), dtype(m.key), m.hf_shape, one(m, i))
-            for m in maps.values() if m.stacked]
+    out += [tensor(m.hf_name(i), m, blocks[m.key][i]) for m in maps.values() if m.stacked]
   fn = maps['final_norm/scale']
-  out.append(OutTensor(fn.hf_name(), dtype(fn.key), fn.hf_shape, one(fn, None)))
+  out += _tensors_of(tensor, fn.hf_name(), fn, blocks[fn.key])
   if 'lm_head' in maps:
     m = maps['lm_head']
-    out.append(OutTensor(m.hf_name(), dtype(m.key), m.hf_shape, table(m.key, 'head')))
+    out += _tensors_of(tensor, m.hf_name(), m, blocks[m.key])
   elif tied_head:
-    out.append(OutTensor(head_name(cfg), dtype(e.key), e.hf_shape, table(e.key, 'copy')))
+    out += _tensors_of(tensor, head_name(cfg), e, blocks[e.key])
+  return out
+
+
+def _tensors_of(tensor, name, m, blocks) -> list[OutTensor]:
+  """One OutTensor `name` from all `blocks` of a parameter (a table's row blocks, or one)."""
+  parts = [tensor(name, m, b) for b in blocks]
+  if len(parts) == 1:
+    return parts
+  return [dataclasses.replace(parts[0], chunks=lambda: itertools.chain.from_iterable(
+      p.chunks() for p in parts))]
+
+
+def _start(index, ndim: int) -> list:
+  """A block's index as a list of (start, stop) pairs (None: the whole dim) over `ndim` dims."""
+  index = index if isinstance(index, tuple) else (index,)
+  out = []
+  for d in range(ndim):
+    x = index[d] if d < len(index) else slice(None)
+    if isinstance(x, int):
+      out.append((x, x + 1))
+    else:
+      out.append((x.start or 0, x.stop) if x.stop is not None else None)
   return out
 
 
 class _ReadAhead:
-  """Reads `arrays[key][index]`; after a read listed in `order`, starts the next one.
+  """Reads `arrays[key][index]` in the order of `plan`, the next read started before it is asked for.
 
-  Overlaps reading the next layer tensor (directly from the shard files, or
+  `index` is a tuple of ints and (start, stop) pairs (None: the whole dim).
+  Overlaps reading the next block (directly from the shard files, or
   through TensorStore for layouts `_rawio.RawZarr3` does not take) with
-  transposing and writing this one, holding at most one tensor extra.
+  transposing and writing this one.
   """
 
-  def __init__(self, arrays, order: list[tuple[str, int]]):
-    self.arrays, self.order = arrays, order
-    self.position = {k: n for n, k in enumerate(order)}
-    self.started: dict[tuple[str, int], Any] = {}
-    self.raw = {key: _rawio.RawZarr3.open(array) for key, array in arrays.items()}
+  def __init__(self, arrays, raws, plan: list[tuple[str, tuple]]):
+    self.arrays, self.raws, self.plan = arrays, raws, plan
+    self.next = 0
+    self.started: dict[int, concurrent.futures.Future] = {}
     self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='read_ahead')
 
-  def __call__(self, key: str, index) -> np.ndarray:
-    k = (key, index) if isinstance(index, int) else None
-    pending = self.started.pop(k, None) if k else None
-    pending = pending or self._start(key, index)
-    n = self.position.get(k) if k else None
-    if n is not None and n + 1 < len(self.order):
-      nk, ni = self.order[n + 1]
-      if (nk, ni) not in self.started:
-        self.started[(nk, ni)] = self._start(nk, ni)
+  def __call__(self, key: str, index: tuple) -> np.ndarray:
+    n = self.next
+    if n >= len(self.plan) or self.plan[n] != (key, index):
+      raise RuntimeError(f'read {key}{index} out of plan order')
+    pending = self.started.pop(n, None) or self._start(n)
+    self.next = n + 1
+    if self.next < len(self.plan) and self.next not in self.started:
+      self.started[self.next] = self._start(self.next)
     return pending.result()
 
-  def _start(self, key: str, index) -> concurrent.futures.Future:
+  def _start(self, n: int) -> concurrent.futures.Future:
+    key, index = self.plan[n]
+    index = tuple(x if isinstance(x, int) else slice(None) if x is None else slice(*x)
+                  for x in index)
     return self.executor.submit(self._read, key, index)
 
   def _read(self, key: str, index) -> np.ndarray:
-    raw = self.raw[key]
+    raw = self.raws[key]
     out = raw.read(index, _rawio.POOL) if raw is not None else None
     if out is None:  # into a pooled buffer, not one TensorStore allocates
       view = self.arrays[key][index]
