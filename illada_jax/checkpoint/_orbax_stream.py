@@ -43,8 +43,10 @@ from orbax.checkpoint import type_handlers as oth
 from illada_jax.checkpoint import _rawio
 
 # Inner (read) chunks of at most this size: a sharded restore reads whole
-# inner chunks, so they bound the read amplification and the decode buffer.
-READ_CHUNK_BYTES = 16 << 20
+# inner chunks, so they bound the read amplification and the decode buffer,
+# and the converter has a few of them in flight per thread (at 16 MB, the
+# first touch of that memory cost the 2-core VM several CPU seconds).
+READ_CHUNK_BYTES = 4 << 20
 # Writes kept in flight per leaf: overlaps reading the next block with
 # TensorStore encoding the previous ones, and bounds the memory they hold.
 MAX_INFLIGHT_WRITES = 3

@@ -60,7 +60,7 @@ class BufferPool:
 
   MIN_BYTES = 1 << 20
 
-  def __init__(self, per_size: int = 8):
+  def __init__(self, per_size: int = 16):
     self.per_size = per_size
     self._free: dict[int, list[np.ndarray]] = {}
     self._lock = threading.Lock()
@@ -245,6 +245,7 @@ class DirectFile:
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc_type is None and self.close_later:
       # The writer thread runs tasks in order: this one after the pending write.
+      _CLOSING[:] = [f for f in _CLOSING if not f.done() or f.exception() is not None]
       _CLOSING.append(_writer().submit(self._finish))
       return
     try:
@@ -275,6 +276,9 @@ class DirectFile:
     finally:
       os.close(self.fd)
       self.fd = -1
+      # Back to the pool now, not when this object goes: a finished file
+      # that still held its buffers made the pool allocate fresh ones.
+      self.bufs = self.buf = self.pending = None
 
 
 # Files whose `close_later` finish is queued on the writer thread.
@@ -442,7 +446,7 @@ class RawZarr3:
     # Neither fsynced nor waited for here: with one shard file per layer
     # tensor the writer drained ~300 times; `save_streaming` waits for all
     # files and flushes the item once at the end.
-    with DirectFile(path, sync=False, close_later=True) as f:
+    with DirectFile(path, 1 << 20, sync=False, close_later=True) as f:
       offset = 0
       for region in self._pieces(shape):
         part = np.asarray(next(pieces), self.dtype)

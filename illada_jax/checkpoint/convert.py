@@ -403,7 +403,7 @@ def _start(index, ndim: int) -> list:
 
 
 class _ReadAhead:
-  """Reads `arrays[key][index]` in the order of `plan`, the next read started before it is asked for.
+  """Reads `arrays[key][index]` in the order of `plan`, reads of the next `ahead_bytes` started.
 
   `index` is a tuple of ints and (start, stop) pairs (None: the whole dim).
   Overlaps reading the next block (directly from the shard files, or
@@ -411,8 +411,8 @@ class _ReadAhead:
   transposing and writing this one.
   """
 
-  def __init__(self, arrays, raws, plan: list[tuple[str, tuple]]):
-    self.arrays, self.raws, self.plan = arrays, raws, plan
+  def __init__(self, arrays, raws, plan: list[tuple[str, tuple]], ahead_bytes: int = 48 << 20):
+    self.arrays, self.raws, self.plan, self.ahead_bytes = arrays, raws, plan, ahead_bytes
     self.next = 0
     self.started: dict[int, concurrent.futures.Future] = {}
     self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='read_ahead')
@@ -423,9 +423,20 @@ class _ReadAhead:
       raise RuntimeError(f'read {key}{index} out of plan order')
     pending = self.started.pop(n, None) or self._start(n)
     self.next = n + 1
-    if self.next < len(self.plan) and self.next not in self.started:
-      self.started[self.next] = self._start(self.next)
+    k, ahead = self.next, 0
+    while k < len(self.plan) and (k == self.next or ahead < self.ahead_bytes):
+      if k not in self.started:
+        self.started[k] = self._start(k)
+      ahead += self._nbytes(k)
+      k += 1
     return pending.result()
+
+  def _nbytes(self, n: int) -> int:
+    key, index = self.plan[n]
+    array = self.arrays[key]
+    extents = [1 if isinstance(x, int) else n if x is None else x[1] - x[0]
+               for x, n in zip(index + (None,) * (array.rank - len(index)), array.shape)]
+    return math.prod(extents) * np.dtype(array.dtype.numpy_dtype).itemsize
 
   def _start(self, n: int) -> concurrent.futures.Future:
     key, index = self.plan[n]
