@@ -363,6 +363,7 @@ class RawZarr3:
     self.chunk, self.inner = tuple(chunk), tuple(inner)
     self.grid = tuple(c // i for c, i in zip(self.chunk, self.inner))  # inner chunks per shard
     self.index_bytes = 16 * math.prod(self.grid) + 4
+    self._indexes: dict[tuple[int, ...], tuple[np.ndarray, int]] = {}  # shard -> checked index
 
   @classmethod
   def open(cls, store) -> RawZarr3 | None:
@@ -492,9 +493,10 @@ class RawZarr3:
     except OSError:
       return None
     try:
-      index_table = self._index(fd, pool)
+      index_table = self._indexes.get(tuple(shard)) or self._index(fd, pool)
       if index_table is None:
         return None
+      self._indexes[tuple(shard)] = index_table  # a converter reads a shard a chunk at a time
       out = (self._read_slabs(fd, index_table, shard, lo, hi, pool)
              if tuple(b - a for a, b in zip(lo, hi)) != self.inner
              else self._read_one_chunk(fd, index_table, shard, lo, pool))
@@ -516,7 +518,7 @@ class RawZarr3:
     raw = pread_aligned(fd, data_end, self.index_bytes, pool)
     if raw is None or crc32c(raw[:-4].tobytes()) != int.from_bytes(raw[-4:].tobytes(), 'little'):
       return None
-    return raw[:-4].view('<u8').reshape(self.grid + (2,)), data_end
+    return raw[:-4].view('<u8').reshape(self.grid + (2,)).copy(), data_end  # not the pool's
 
   def _read_slabs(self, fd, index_table, shard, lo, hi, pool) -> np.ndarray | None:
     """A whole shard whose inner chunks are consecutive slabs, in one read and no copy; else None.
