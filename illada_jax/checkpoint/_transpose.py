@@ -100,7 +100,7 @@ def transpose2d(a: np.ndarray, pool: _rawio.BufferPool | None = _rawio.POOL) -> 
         for k in range(0, n, 8):
           words[:, k0 + k:k0 + min(n, k + 8)] = w[k:k + 8].T
 
-    if a.nbytes < (8 << 20) or packed < 2 * block:
+    if a.nbytes < (2 << 20) or packed < 2 * block:
       work(0, packed)
     else:
       global _transpose_pool
