@@ -1,4 +1,5 @@
-"""Private fast I/O of the converter: O_DIRECT writer, buffer pool, zarr3 shard files."""
+"""Private fast I/O of the converter: O_DIRECT writer, buffer pool (`_rawio`), zarr3 shard files
+(`_zarr3`)."""
 
 import errno
 import fcntl
@@ -10,7 +11,7 @@ import pytest
 import illada_jax
 
 from illada_jax import checkpoint
-from illada_jax.checkpoint import _orbax_stream, _rawio, store
+from illada_jax.checkpoint import _orbax_stream, _rawio, _zarr3, store
 from helpers import make_tensors, tiny_cfg, write_hf
 
 
@@ -83,7 +84,7 @@ def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
                                     (slice(100, 120), slice(5, 9))],
              'final_norm/scale': [(), slice(10, 20)]}
   for key, cases in indices.items():
-    raw = _rawio.RawZarr3.open(arrays[key])
+    raw = _zarr3.RawZarr3.open(arrays[key])
     assert raw is not None, key
     for index in cases:
       got = raw.read(index, pool)
@@ -91,14 +92,14 @@ def test_direct_shard_reads_equal_tensorstore_reads(tmp_path):
       assert got is not None and got.shape == want.shape, (key, index)
       assert got.tobytes() == want.tobytes(), (key, index)
   # A region over two shards is left to TensorStore.
-  assert _rawio.RawZarr3.open(arrays['layers/mlp/gate_proj']).read(slice(0, 2), pool) is None
-  assert _rawio.RawZarr3.open(arrays['embedder/embedding']).read(slice(120, 130), pool) is None
+  assert _zarr3.RawZarr3.open(arrays['layers/mlp/gate_proj']).read(slice(0, 2), pool) is None
+  assert _zarr3.RawZarr3.open(arrays['embedder/embedding']).read(slice(120, 130), pool) is None
 
 
 def test_streaming_save_writes_every_shard_directly(tmp_path, monkeypatch):
   written = []  # every shard goes through write_pieces (write hands its chunks to it)
-  write = _rawio.RawZarr3.write_pieces
-  monkeypatch.setattr(_rawio.RawZarr3, 'write_pieces',
+  write = _zarr3.RawZarr3.write_pieces
+  monkeypatch.setattr(_zarr3.RawZarr3, 'write_pieces',
                       lambda self, *args: written.append(write(self, *args)) or written[-1])
   cfg = tiny_cfg('illada')
   tensors = make_tensors(cfg)
@@ -119,13 +120,13 @@ def test_direct_shard_reads_refuse_a_corrupt_index(tmp_path):
   data[-10] ^= 1  # inside the index: its CRC-32C no longer matches
   shard.write_bytes(bytes(data))
   arrays = _orbax_stream.open_stored_arrays(store.params_dir(tmp_path / 'ck'))
-  raw = _rawio.RawZarr3.open(arrays['layers/attn/q_proj'])
+  raw = _zarr3.RawZarr3.open(arrays['layers/attn/q_proj'])
   assert raw.read(0, _rawio.BufferPool()) is not None
   assert raw.read(1, _rawio.BufferPool()) is None
 
 
 def test_crc32c_check_value():
-  assert _rawio.crc32c(b'123456789') == 0xE3069283
+  assert _zarr3.crc32c(b'123456789') == 0xE3069283
 
 
 @pytest.mark.parametrize('direct', [True, False])
@@ -164,15 +165,15 @@ def test_whole_shards_of_slabs_and_single_chunks_are_read_without_a_copy(tmp_pat
   arrays = _orbax_stream.open_stored_arrays(store.params_dir(tmp_path / 'ck'))
   fast = []
   for name in ('_read_slabs', '_read_one_chunk'):
-    method = getattr(_rawio.RawZarr3, name)
-    monkeypatch.setattr(_rawio.RawZarr3, name, lambda *a, method=method, name=name: fast.append(
+    method = getattr(_zarr3.RawZarr3, name)
+    monkeypatch.setattr(_zarr3.RawZarr3, name, lambda *a, method=method, name=name: fast.append(
         (name, method(*a) is not None)) or method(*a))
   pool = _rawio.BufferPool()
   pool.MIN_BYTES = 0
-  gate = _rawio.RawZarr3.open(arrays['layers/mlp/gate_proj'])
+  gate = _zarr3.RawZarr3.open(arrays['layers/mlp/gate_proj'])
   assert gate.inner[:2] == gate.chunk[:2] and gate.inner[2] < gate.chunk[2]  # HF row blocks
   f = gate.inner[2]
-  d = _rawio.RawZarr3.open(arrays['layers/attn/o_proj']).inner[3]
+  d = _zarr3.RawZarr3.open(arrays['layers/attn/o_proj']).inner[3]
   # (key, index, the read that returns it without a copy, or None: chunk by chunk). An
   # lm_head edge shard is short in its last dimension, so its padding lies between rows.
   for key, index, path in [
@@ -182,7 +183,7 @@ def test_whole_shards_of_slabs_and_single_chunks_are_read_without_a_copy(tmp_pat
       ('layers/attn/o_proj', (0, slice(None), slice(None), slice(d, 2 * d)), '_read_one_chunk'),
       ('layers/mlp/gate_proj', 1, None),
       ('lm_head', (slice(None), slice(128, 130)), None)]:
-    raw = _rawio.RawZarr3.open(arrays[key])
+    raw = _zarr3.RawZarr3.open(arrays[key])
     fast.clear()
     got = raw.read(index, pool)
     want = arrays[key][index].read().result()

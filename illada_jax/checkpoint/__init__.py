@@ -7,9 +7,10 @@ Public surface:
 Modules: `store` (directory layout, save/load with Orbax), `hf_names` (HF
 tensor names of both families <-> the parameter tree), `safetensors_io`
 (reading through `safe_open`, streamed writing), `convert` (the two
-drivers). Private: `_transpose` (layout changes), `_orbax_stream` (Orbax
-items written leaf by leaf, read slice by slice), `_rawio` (O_DIRECT I/O,
-buffer pool, zarr3 shard files).
+drivers). Private: `_to_orbax` / `_to_hf` (each direction's steps),
+`_blocks` (parameters cut into blocks of HF rows), `_transpose` (layout
+changes), `_orbax_stream` (Orbax items written leaf by leaf, read slice by
+slice), `_rawio` (O_DIRECT I/O, buffer pool), `_zarr3` (zarr3 shard files).
 """
 
 from illada_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf

@@ -11,7 +11,7 @@ The one module that relies on Orbax beyond `StandardCheckpointer`, and why:
   `NumpyHandler` and reports its type string). Orbax keeps ownership of the
   format: nothing here writes an Orbax metadata file. We only choose the
   zarr3 chunking (`_zarr3_metadata`) and may fill the shard files directly
-  (`_rawio.RawZarr3`, the published zarr v3 sharding format).
+  (`_zarr3.RawZarr3`, the published zarr v3 sharding format).
 * Reading one layer at a time for orbax-to-hf: Orbax restores whole
   arrays, so each leaf is opened as a TensorStore array with the spec Orbax
   would use (`type_handlers.get_json_tspec_read`); `TreeMetadata.use_zarr3`
@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import type_handlers as oth
 
-from illada_jax.checkpoint import _rawio
+from illada_jax.checkpoint import _rawio, _zarr3
 
 # Inner (read) chunks of at most this size: a sharded restore reads whole
 # inner chunks, so they bound the read amplification and the decode buffer,
@@ -187,7 +187,7 @@ async def _write_blocks(array: ts.TensorStore, leaf: LazyArray):
   dtype = np.dtype(leaf.dtype)
   # The shard files of the layout `_zarr3_metadata` asks for are written
   # directly with O_DIRECT, not through TensorStore's buffered file writes.
-  raw = _rawio.RawZarr3.open(array)
+  raw = _zarr3.RawZarr3.open(array)
   for index, data in leaf.blocks():
     if isinstance(data, Pieces):
       if raw is not None and raw.write_pieces(index, data.shape, data.pieces):

@@ -24,7 +24,7 @@ stack is 3.8 GB, over the memory budget), saving per-layer leaves (a
 different tree than the model's scanned params), and writing Orbax's
 metadata files (`_METADATA`, the array's `zarr.json`) by hand (a copy of
 Orbax internals that would drift). Only the zarr3 shard files' data are
-written directly (`_rawio.RawZarr3`, for speed; their format is the
+written directly (`_zarr3.RawZarr3`, for speed; their format is the
 published zarr v3 sharding codec, and TensorStore reads them back in tests).
 """
 
