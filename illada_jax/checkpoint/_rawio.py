@@ -20,7 +20,6 @@ import concurrent.futures
 import errno
 import fcntl
 import math
-import mmap
 import os
 import queue
 import sys
@@ -34,7 +33,6 @@ from illada_jax.util import round_up
 ALIGN = 4096  # O_DIRECT alignment of buffers, file offsets and sizes
 READ_CALL_BYTES = 1 << 30  # Linux reads at most ~2 GiB per call
 ZERO_COPY_BYTES = 1 << 20  # DirectFile writes at least this much straight from the caller's array
-HUGE_PAGE = 2 << 20
 
 
 class BufferPool:
@@ -101,25 +99,9 @@ def pread_aligned(fd: int, offset: int, nbytes: int, pool: BufferPool) -> np.nda
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
-  """An uninitialised uint8 array of `nbytes` starting on a 4 KiB page boundary.
-
-  Large ones are their own anonymous mapping with transparent huge pages
-  requested: the first touch of a fresh 117 MB buffer cost 0.31 s CPU in
-  4 KiB page faults on the 2-core VM, 0.02-0.04 s with huge pages (its THP
-  mode is `madvise`).
-  """
-  if nbytes < HUGE_PAGE:
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start:start + nbytes]
-  m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-  if hasattr(mmap, 'MADV_HUGEPAGE'):
-    try:
-      m.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel without THP: ordinary pages
-      pass
-  raw = np.frombuffer(m, np.uint8)
-  start = -raw.ctypes.data % HUGE_PAGE
+  """An uninitialised uint8 array of `nbytes` starting on a 4 KiB page boundary."""
+  raw = np.empty(nbytes + ALIGN, np.uint8)
+  start = -raw.ctypes.data % ALIGN
   return raw[start:start + nbytes]
 
 
