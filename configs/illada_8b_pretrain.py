@@ -11,7 +11,7 @@ layer, splash attention, chunked LM head + CE.
 from illada_jax.configs.models import ILLADA_8B
 from illada_jax.data import DataConfig
 from illada_jax.optimizer import OptimizerConfig
-from illada_jax.train import TrainConfig
+from illada_jax.train_config import TrainConfig
 
 CONFIG = TrainConfig(
     model=ILLADA_8B.replace(param_dtype='float32', compute_dtype='bfloat16', remat_policy='full',

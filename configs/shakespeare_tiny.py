@@ -10,7 +10,7 @@ on first use and kept next to the checkpoints.
 from illada_jax.configs.models import ILLADA_TINY
 from illada_jax.data import DataConfig
 from illada_jax.optimizer import OptimizerConfig
-from illada_jax.train import TrainConfig
+from illada_jax.train_config import TrainConfig
 
 CONFIG = TrainConfig(
     model=ILLADA_TINY.replace(vocab_size=1024, param_dtype='float32', compute_dtype='float32',

@@ -22,9 +22,9 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-# Finite so that a query with no visible key gives a uniform (ignored)
-# distribution instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Score of a hidden key, here and in the kernels. Finite so that a query with
+# no visible key gives a uniform (ignored) distribution instead of NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def xla_attention(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None):
@@ -42,7 +42,7 @@ def xla_attention(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None):
                             preferred_element_type=jnp.float32)
   scores_BKGLS = scores_BKGLS * (dh ** -0.5)
   if kv_mask_BS is not None:
-    scores_BKGLS = jnp.where(kv_mask_BS[:, None, None, None, :], scores_BKGLS, _MASK_VALUE)
+    scores_BKGLS = jnp.where(kv_mask_BS[:, None, None, None, :], scores_BKGLS, MASK_VALUE)
   probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKD.dtype)
   out_BLKGD = jnp.einsum('bkgls,bskd->blkgd', probs_BKGLS, v_BSKD,
                          preferred_element_type=jnp.float32)

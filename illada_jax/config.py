@@ -3,8 +3,9 @@
 The two checkpoint families differ only in data (KV heads, MLP width, vocabulary,
 tying, token ids, RoPE theta, norm eps), never in code paths; see SPEC §1.
 `ModelConfig.from_hf` reads both Hugging Face `config.json` dialects and refuses
-anything the model does not implement rather than computing something else.
-`DataConfig` (where the training data is) lives here too; `data` re-exports it.
+anything the model does not implement rather than computing something else;
+token ids come from the checkpoint (`illada_jax.token_ids`). `DataConfig`
+(where the training data is) lives here too; `data` re-exports it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+
+from illada_jax import token_ids
 
 ATTENTION_IMPLS = ('xla', 'pallas', 'splash')  # see illada_jax/attention.py
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_qkv_attn')
@@ -44,7 +47,7 @@ class ModelConfig:
   rope_theta: float = 500000.0
   norm_eps: float = 1e-6
   mask_token_id: int = 5
-  bos_token_id: int = 0
+  bos_token_id: int | None = 0  # None: the checkpoint has no BOS
   eos_token_id: int = 2
   pad_token_id: int = 1
   eot_token_id: int | None = None  # end-of-turn (LLaDA chat); None if absent
@@ -72,16 +75,12 @@ class ModelConfig:
          f'{self.attention_impl!r} not in {ATTENTION_IMPLS}')
     need(self.remat_policy in REMAT_POLICIES, 'remat_policy',
          f'{self.remat_policy!r} not in {REMAT_POLICIES}')
-    for f in ('mask_token_id', 'bos_token_id', 'eos_token_id', 'pad_token_id', 'eot_token_id'):
+    for f in token_ids.FIELDS:
       v = getattr(self, f)
+      need(v is not None or f in ('bos_token_id', 'eot_token_id'), f, 'is required')
       need(v is None or 0 <= v < self.vocab_size, f, f'{v} outside [0, {self.vocab_size})')
 
   # -- derived ---------------------------------------------------------------
-  @property
-  def group_size(self) -> int:
-    """Query heads per KV head (G)."""
-    return self.num_heads // self.num_kv_heads
-
   @property
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.compute_dtype)
@@ -106,14 +105,17 @@ class ModelConfig:
     return cls(**d)
 
   @classmethod
-  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> 'ModelConfig':
+  def from_hf(cls, hf: Mapping[str, Any], tokenizer_dir: str | os.PathLike | None = None,
+              **overrides) -> 'ModelConfig':
     """Reads a Hugging Face `config.json` dict of either family (SPEC §1).
 
     iLLaDA uses Llama keys (`model_type` "illada"; "llama" is accepted too),
     LLaDA uses OLMo keys (`model_type` "llada"). Anything the model does not
     implement (rope scaling, biases, LayerNorm, other activations, ...) raises
-    ValueError naming the key. `overrides` set execution fields such as
-    `param_dtype` or `attention_impl`.
+    ValueError naming the key. Token ids come from `hf`, then from the
+    tokenizer files in `tokenizer_dir` (`token_ids.resolve`; a missing mask
+    or EOS id raises ValueError saying where it was looked for). `overrides`
+    set execution fields such as `param_dtype` or `attention_impl`.
     """
     model_type = hf.get('model_type')
     if model_type in ('illada', 'llama'):
@@ -124,17 +126,19 @@ class ModelConfig:
       raise ValueError(
           f'config.json: model_type={model_type!r} is not supported '
           "(expected 'illada', 'llama' or 'llada')")
-    return cls(**{**cfg, **overrides})
+    ids = token_ids.resolve(hf, cfg['family'], cfg['vocab_size'], tokenizer_dir)
+    return cls(**{**cfg, **ids, **overrides})
 
   @classmethod
   def from_hf_file(cls, path: str | os.PathLike, **overrides) -> 'ModelConfig':
+    """`from_hf` of the `config.json` at `path`, with the tokenizer files beside it."""
     with open(path) as f:
       try:
         hf = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}: not valid JSON ({e})') from None
     try:
-      return cls.from_hf(hf, **overrides)
+      return cls.from_hf(hf, os.path.dirname(os.path.abspath(path)), **overrides)
     except ValueError as e:
       raise ValueError(f'{path}: {e}') from None
 
@@ -150,9 +154,7 @@ class ModelConfig:
           'max_position_embeddings': self.max_len, 'rope_theta': self.rope_theta,
           'rms_norm_eps': self.norm_eps, 'tie_word_embeddings': self.tie_embeddings,
           'hidden_act': 'silu', 'attention_bias': False, 'mlp_bias': False,
-          'rope_scaling': None, 'mask_token_id': self.mask_token_id,
-          'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
-          'pad_token_id': self.pad_token_id, 'torch_dtype': self.param_dtype,
+          'rope_scaling': None, 'torch_dtype': self.param_dtype,
       }
     else:
       d = {
@@ -164,14 +166,11 @@ class ModelConfig:
           'rope_theta': self.rope_theta, 'rms_norm_eps': self.norm_eps,
           'weight_tying': self.tie_embeddings, 'include_bias': False,
           'layer_norm_type': 'rms', 'activation_type': 'silu', 'rope': True,
-          'alibi': False, 'block_type': 'llama', 'mask_token_id': self.mask_token_id,
-          'bos_token_id': self.bos_token_id, 'eos_token_id': self.eos_token_id,
-          'pad_token_id': self.pad_token_id, 'torch_dtype': self.param_dtype,
+          'alibi': False, 'block_type': 'llama', 'torch_dtype': self.param_dtype,
       }
       if self.d_model // self.num_heads != self.head_dim:
         raise ValueError(f'LLaDA layout needs head_dim == d_model / n_heads, got {self.head_dim}')
-    if self.eot_token_id is not None:
-      d['eot_token_id'] = self.eot_token_id
+    d.update({f: getattr(self, f) for f in token_ids.FIELDS if getattr(self, f) is not None})
     return d
 
 
@@ -206,21 +205,6 @@ def _require(hf: Mapping[str, Any], key: str):
   return hf[key]
 
 
-def _first_id(v):
-  """`eos_token_id` may be an int or a list of ints; the first is the EOS."""
-  if isinstance(v, (list, tuple)):
-    return int(v[0]) if v else None
-  return None if v is None else int(v)
-
-
-def _token_ids(hf: Mapping[str, Any], defaults: Mapping[str, int | None]) -> dict[str, Any]:
-  out = {}
-  for field in ('mask_token_id', 'bos_token_id', 'eos_token_id', 'pad_token_id', 'eot_token_id'):
-    v = _first_id(hf.get(field))
-    out[field] = defaults[field] if v is None else v
-  return out
-
-
 def _from_llama_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
   _refuse(hf, 'rope_scaling', (None,), 'RoPE scaling is not implemented')
   _refuse(hf, 'attention_bias', (False, None), 'the model has no biases')
@@ -243,8 +227,6 @@ def _from_llama_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
       'tie_embeddings': bool(hf.get('tie_word_embeddings', True)),
       'rope_theta': float(hf.get('rope_theta', 10000.0)),
       'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
-      **_token_ids(hf, {'mask_token_id': 5, 'bos_token_id': 0, 'eos_token_id': 2,
-                        'pad_token_id': 1, 'eot_token_id': None}),
   }
 
 
@@ -277,9 +259,6 @@ def _from_olmo_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
       'tie_embeddings': bool(hf.get('weight_tying', False)),
       'rope_theta': float(hf.get('rope_theta', 10000.0)),
       'norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
-      **_token_ids(hf, {'mask_token_id': 126336, 'bos_token_id': 126080,
-                        'eos_token_id': 126081, 'pad_token_id': 126081,
-                        'eot_token_id': 126348}),
   }
 
 

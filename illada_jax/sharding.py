@@ -140,12 +140,17 @@ def activation_sharding(mesh: Mesh | None, rules=RULES):
     _ACTIVE.value = prev
 
 
+def active() -> tuple[Mesh, tuple] | None:
+  """`(mesh, rules)` of the innermost `activation_sharding` context, or None outside one."""
+  return getattr(_ACTIVE, 'value', None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical names; a no-op without a mesh."""
-  active = getattr(_ACTIVE, 'value', None)
-  if active is None:
+  current = active()
+  if current is None:
     return x
-  mesh, rules = active
+  mesh, rules = current
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 

@@ -6,7 +6,10 @@
 the global batch `[B, L]` is split into `grad_accum` micro-batches that a
 `lax.scan` runs one after another, summing float32 gradients; the update is
 applied once. The noise key of step s is `fold_in(key(seed), s)`, so a
-resumed run draws exactly the masks an uninterrupted one would.
+resumed run draws exactly the masks an uninterrupted one would. Parameters,
+optimizer state, activations and the batch are sharded by the logical axis
+rules `cfg.sharding_rules` (default `sharding.RULES`). The run's settings are
+a `TrainConfig` (`illada_jax.train_config`).
 
 `train(cfg)` runs the loop: Grain data, metrics on a tqdm bar and in
 TensorBoard event files (plus `metrics.jsonl`), periodic eval, async
@@ -33,19 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from illada_jax import flops as flops_lib
 from illada_jax import loss as loss_lib
 from illada_jax import model as model_lib
 from illada_jax import optimizer as opt_lib
 from illada_jax import sharding
-from illada_jax.config import DataConfig, ModelConfig
+from illada_jax.checkpoint import store as ckpt_store
+from illada_jax.config import ModelConfig
 from illada_jax.prompts import PromptFormat
-from illada_jax.configs import models as presets
-
-BATCH_AXES = ('data', 'fsdp')
-CONFIG_FILE = 'model_config.json'
+from illada_jax.train_config import TrainConfig, load_config, override  # noqa: F401 (API)
 
 
 def _data_lib():
@@ -55,42 +56,16 @@ def _data_lib():
   return data
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything a training run needs. Config files define one as `CONFIG`."""
-  model: ModelConfig = presets.ILLADA_TINY
-  objective: str = 'pretrain'  # 'pretrain' or 'sft' (SPEC §4)
-  data: DataConfig = DataConfig()
-  optimizer: opt_lib.OptimizerConfig = opt_lib.OptimizerConfig()
-  batch_size: int = 32  # global rows per optimizer step
-  grad_accum: int = 1  # micro-batches per step; batch_size % grad_accum == 0
-  seq_len: int = 256  # L
-  steps: int = 1000  # optimizer steps of the run
-  seed: int = 0
-  mesh: str = 'data=1,fsdp=-1,tensor=1'  # see sharding.parse_mesh_shape
-  eps: float = 1e-3  # minimum masking probability
-  random_length_prob: float = 0.01  # pre-training only
-  loss_chunk: int = 512  # sequence positions per LM-head/CE chunk
-  workdir: str = '/tmp/illada_run'
-  log_every: int = 10
-  eval_every: int = 0  # 0 = no periodic eval
-  eval_batches: int = 4
-  checkpoint_every: int = 500  # 0 = only at the end / on SIGTERM
-  keep_checkpoints: int = 3
-  async_checkpoints: bool = True
-  peak_flops_per_device: float = 0.0  # 0 = the device kind's bf16 peak; MFU unlogged if unknown
-  progress_bar: bool = True
-
-
 # -- state and step ----------------------------------------------------------------
 
-def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES, None))
+def batch_sharding(mesh, rules=sharding.RULES) -> NamedSharding:
+  """Sharding of a `[B, L]` batch: its logical axes `act_batch`, `act_length` under `rules`."""
+  return NamedSharding(mesh, sharding.logical_to_spec(('act_batch', 'act_length'), rules))
 
 
 def state_shardings(cfg: TrainConfig, mesh, tx: optax.GradientTransformation):
-  """(abstract state with shardings, sharding pytree) for `mesh`."""
-  p_abs = model_lib.abstract_params(cfg.model, mesh)
+  """(abstract state with shardings, sharding pytree) on `mesh` under `cfg.sharding_rules`."""
+  p_abs = model_lib.abstract_params(cfg.model, mesh, cfg.sharding_rules)
   p_shard = jax.tree.map(lambda x: x.sharding, p_abs)
   o_abs = jax.eval_shape(tx.init, p_abs)
   replicated = NamedSharding(mesh, P())
@@ -105,15 +80,11 @@ def state_shardings(cfg: TrainConfig, mesh, tx: optax.GradientTransformation):
 
 
 def init_state(cfg: TrainConfig, mesh, tx):
-  """A fresh, sharded train state (params from `key(seed)`)."""
+  """A fresh, sharded train state: `init_params(key(seed))`, step 0, `tx.init`."""
   _, shard = state_shardings(cfg, mesh, tx)
-
-  def init(key):
-    params = model_lib.Transformer(cfg.model).init(key, jnp.zeros((1, 1), jnp.int32))['params']
-    params = nn.meta.unbox(params)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-
-  return jax.jit(init, out_shardings=shard)(jax.random.key(cfg.seed))
+  params = model_lib.init_params(cfg.model, jax.random.key(cfg.seed), mesh, cfg.sharding_rules)
+  return {'step': jax.device_put(jnp.zeros((), jnp.int32), shard['step']), 'params': params,
+          'opt_state': jax.jit(tx.init, out_shardings=shard['opt_state'])(params)}
 
 
 def loss_fn(cfg: TrainConfig, params, batch, key):
@@ -132,9 +103,10 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, mesh):
   """`(state, batch) -> (state, metrics)`, pure; jit it with `jit_train_step`."""
   schedule = opt_lib.learning_rate_schedule(cfg.optimizer)
   accum = cfg.grad_accum
+  batch_spec = batch_sharding(mesh, cfg.sharding_rules).spec
 
   def step_fn(state, batch):
-    with sharding.activation_sharding(mesh):
+    with sharding.activation_sharding(mesh, cfg.sharding_rules):
       params = state['params']
       key = jax.random.fold_in(jax.random.key(cfg.seed), state['step'])
       # Row r goes to micro-batch r % accum, so every micro-batch keeps the
@@ -144,7 +116,7 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, mesh):
           batch)
       micro = jax.tree.map(
           lambda x: jax.lax.with_sharding_constraint(
-              x, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 2))))), micro)
+              x, NamedSharding(mesh, P(None, *batch_spec))), micro)
       grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(cfg, p, b, k), has_aux=True)
 
       def body(carry, xs):
@@ -177,7 +149,7 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, mesh):
 def jit_train_step(cfg: TrainConfig, tx, mesh):
   """The jitted, donated train step with explicit shardings (also used for AOT)."""
   _, shard = state_shardings(cfg, mesh, tx)
-  bs = batch_sharding(mesh)
+  bs = batch_sharding(mesh, cfg.sharding_rules)
   batch_shard = {'tokens': bs, 'response_mask': bs} if cfg.objective == 'sft' else {'tokens': bs}
   return jax.jit(make_train_step(cfg, tx, mesh), in_shardings=(shard, batch_shard),
                  out_shardings=(shard, NamedSharding(mesh, P())), donate_argnums=0)
@@ -186,45 +158,12 @@ def jit_train_step(cfg: TrainConfig, tx, mesh):
 def make_eval_step(cfg: TrainConfig, mesh):
   """`(params, batch, index) -> loss` with a fixed key per eval batch index."""
   def eval_fn(params, batch, index):
-    with sharding.activation_sharding(mesh):
+    with sharding.activation_sharding(mesh, cfg.sharding_rules):
       key = jax.random.fold_in(jax.random.key(cfg.seed + 1), index)
       ecfg = dataclasses.replace(cfg, random_length_prob=0.0)
       loss, metrics = loss_fn(ecfg, params, batch, key)
       return metrics
   return jax.jit(eval_fn)
-
-
-# -- flops ---------------------------------------------------------------------------
-
-_PEAK_FLOPS = {  # bf16 dense peak per chip (datasheets; the SXM parts for GPUs)
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
-    'TPU v5': 459e12, 'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
-    'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H200': 989e12,
-}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward, no remat): 6 N + attention."""
-  n = model_lib.param_count(cfg)
-  if not cfg.tie_embeddings:
-    n -= cfg.vocab_size * cfg.d_model  # the untied embedding is a lookup, not a matmul
-  attn = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
-  return 6.0 * n + attn
-
-
-def peak_flops(device, dtype='bfloat16') -> float | None:
-  """Datasheet dense matmul peak (FLOP/s) of `device` in `dtype`; None where not known.
-
-  Only bf16 peaks of the TPU kinds in `_PEAK_FLOPS` are known; a CPU has no
-  datasheet peak (`tools/bench_forward.py` measures its matmul rate instead).
-  """
-  if jnp.dtype(dtype) != jnp.bfloat16:
-    return None
-  kind = getattr(device, 'device_kind', '')
-  for name, f in _PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return f
-  return None
 
 
 # -- checkpoints ------------------------------------------------------------------
@@ -248,13 +187,12 @@ def _stamp_model_config(mngr: ocp.CheckpointManager, cfg: TrainConfig):
   if jax.process_index() != 0:
     return
   for step in mngr.all_steps():
-    path = os.path.join(str(mngr.directory), str(step), CONFIG_FILE)
-    if os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+    step_dir = os.path.join(str(mngr.directory), str(step))
+    if os.path.isdir(step_dir) and not os.path.exists(
+        os.path.join(step_dir, ckpt_store.CONFIG_FILE)):
       if cfg.data.tokenizer and os.path.exists(cfg.data.tokenizer):
-        PromptFormat(add_bos=cfg.data.add_bos).write(os.path.dirname(path), cfg.data.tokenizer)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(cfg.model.to_dict(), f, indent=2)
-      os.replace(path + '.tmp', path)
+        PromptFormat(add_bos=cfg.data.add_bos).write(step_dir, cfg.data.tokenizer)
+      ckpt_store.write_config(step_dir, cfg.model)  # last: it marks the stamp done
 
 
 def save(mngr, state, data_iter, cfg: TrainConfig, *, force: bool = False):
@@ -298,9 +236,9 @@ class _Stop:
     self.requested = True
 
 
-def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Process-local rows -> one global array per key, sharded over the batch axes."""
-  bs = batch_sharding(mesh)
+def _global_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+  """Process-local rows -> one global array per key, sharded as `batch_sharding`."""
+  bs = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(bs, np.asarray(v)) for k, v in batch.items()}
 
 
@@ -387,9 +325,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   old_handler = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  flops_step = flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
+  flops_step = flops_lib.train_flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
   # MFU only against a known peak: a guessed one would make the figure meaningless.
-  peak = cfg.peak_flops_per_device or peak_flops(jax.devices()[0], cfg.model.compute_dtype)
+  peak = (cfg.peak_flops_per_device
+          or flops_lib.peak_flops(jax.devices()[0], cfg.model.compute_dtype))
   peak = peak and peak * jax.device_count()
 
   bar = None
@@ -440,7 +379,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   try:
     step = start
     while step < end:
-      batch = _global_batch(next(data_iter), mesh)
+      batch = _global_batch(next(data_iter), mesh, cfg.sharding_rules)
       state, metrics = step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
@@ -449,7 +388,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
       if step % cfg.log_every == 0:
         flush(step)
       if eval_fn is not None and step % cfg.eval_every == 0:
-        vals = [eval_fn(state['params'], _global_batch(b, mesh), i)['loss']
+        vals = [eval_fn(state['params'], _global_batch(b, mesh, cfg.sharding_rules), i)['loss']
                 for i, b in enumerate(eval_data)]
         evals[step] = float(np.mean(jax.device_get(vals)))
         writer.write(step, {'eval_loss': evals[step]})
@@ -492,60 +431,3 @@ def _agree(flag: bool) -> bool:
     return flag
   from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
-# -- config files -------------------------------------------------------------------
-
-def load_config(path: str) -> TrainConfig:
-  """The `CONFIG` TrainConfig of a python file (or of module `illada_jax.configs.NAME`)."""
-  import importlib
-  import importlib.util
-  if os.path.exists(path):
-    spec = importlib.util.spec_from_file_location('_illada_train_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  else:
-    module = importlib.import_module(f'illada_jax.configs.{path}')
-  cfg = getattr(module, 'CONFIG', None)
-  if not isinstance(cfg, TrainConfig):
-    raise ValueError(f'{path}: defines no CONFIG = TrainConfig(...)')
-  return cfg
-
-
-def _parse_value(text: str, current):
-  import ast
-  if isinstance(current, bool):
-    if text.lower() in ('1', 'true', 'yes'):
-      return True
-    if text.lower() in ('0', 'false', 'no'):
-      return False
-    raise ValueError(f'expected a boolean, got {text!r}')
-  if isinstance(current, int) and not isinstance(current, bool):
-    return int(float(text)) if 'e' in text.lower() else int(text)
-  if isinstance(current, float):
-    return float(text)
-  if isinstance(current, str) or current is None:
-    try:
-      v = ast.literal_eval(text)
-      return v if current is None or isinstance(v, str) else text
-    except (ValueError, SyntaxError):
-      return text
-  if isinstance(current, (tuple, list)):
-    v = ast.literal_eval(text)
-    return type(current)(v if isinstance(v, (tuple, list)) else (v,))
-  return ast.literal_eval(text)
-
-
-def override(cfg, key: str, text: str):
-  """`override(cfg, 'optimizer.lr', '1e-3')`: a copy with one (nested) field replaced."""
-  head, _, rest = key.partition('.')
-  names = {f.name for f in dataclasses.fields(cfg)}
-  if head not in names:
-    raise ValueError(f'--set {key}: {type(cfg).__name__} has no field {head!r}; '
-                     f'fields: {sorted(names)}')
-  current = getattr(cfg, head)
-  if rest:
-    if not dataclasses.is_dataclass(current):
-      raise ValueError(f'--set {key}: {head} is not a nested config')
-    return dataclasses.replace(cfg, **{head: override(current, rest, text)})
-  return dataclasses.replace(cfg, **{head: _parse_value(text, current)})

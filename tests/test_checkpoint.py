@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 
 import illada_jax
-from illada_jax import checkpoint, convert, make_mesh
+from illada_jax import checkpoint, make_mesh
+from illada_jax.checkpoint import _orbax_stream, store
 from illada_jax.model import param_shardings
-from test_convert import TOKENIZER_FILES, make_tensors, read_hf, tiny_cfg, write_hf
-
-
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+from helpers import (TOKENIZER_FILES, assert_trees_equal, make_tensors, read_hf, tiny_cfg,
+                     write_hf)
 
 
 def test_save_load_round_trip_with_config_and_tokenizer(tmp_path):
@@ -31,7 +26,7 @@ def test_save_load_round_trip_with_config_and_tokenizer(tmp_path):
     assert (tmp_path / 'ck' / name).read_text() == text
   got_cfg, got = illada_jax.load_checkpoint(tmp_path / 'ck')
   assert got_cfg == cfg
-  _assert_trees_equal(got, params)
+  assert_trees_equal(got, params)
   with pytest.raises(FileExistsError):
     illada_jax.save_checkpoint(tmp_path / 'ck', cfg, params)
 
@@ -41,17 +36,17 @@ def test_unscanned_config_is_saved_stacked_and_loaded_unstacked(tmp_path):
   params = illada_jax.init_params(cfg, jax.random.key(1))
   assert 'layers_0' in params
   illada_jax.save_checkpoint(tmp_path / 'ck', cfg, params)
-  assert 'layers/mlp/up_proj' in checkpoint.stored_arrays(tmp_path / 'ck')
+  assert 'layers/mlp/up_proj' in _orbax_stream.stored_arrays(store.params_dir(tmp_path / 'ck'))
   got_cfg, got = illada_jax.load_checkpoint(tmp_path / 'ck')
   assert not got_cfg.scan_layers
-  _assert_trees_equal(got, params)
+  assert_trees_equal(got, params)
 
 
 def test_restore_onto_8_device_mesh(tmp_path):
   cfg = tiny_cfg('illada')
   tensors = make_tensors(cfg, head=True)
   write_hf(tmp_path / 'hf', cfg, tensors)
-  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
+  checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', progress=False)
   mesh = make_mesh('data=2,fsdp=2,tensor=2')
   got_cfg, params = illada_jax.load_checkpoint(tmp_path / 'ck', mesh=mesh)
   want_shardings = param_shardings(got_cfg, mesh)
@@ -78,7 +73,7 @@ def test_restore_onto_8_device_mesh(tmp_path):
 def test_sharded_logits_equal_single_device(tmp_path):
   cfg = tiny_cfg('llada')
   write_hf(tmp_path / 'hf', cfg, make_tensors(cfg, seed=4))
-  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', dtype='float32', progress=False)
+  checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck', dtype='float32', progress=False)
   cfg1, p1 = illada_jax.load_checkpoint(tmp_path / 'ck')
   cfg8, p8 = illada_jax.load_checkpoint(tmp_path / 'ck', mesh=make_mesh('data=2,fsdp=2,tensor=2'))
   run = cfg1.replace(compute_dtype='float32', remat_policy='none')
@@ -101,7 +96,7 @@ def test_trained_checkpoint_exports_to_hf(tmp_path):
   cfg = tiny_cfg('illada')
   params = illada_jax.init_params(cfg, jax.random.key(2))
   illada_jax.save_checkpoint(tmp_path / 'ck', cfg, params)
-  convert.orbax_to_hf(tmp_path / 'ck', tmp_path / 'hf', progress=False)
+  checkpoint.orbax_to_hf(tmp_path / 'ck', tmp_path / 'hf', progress=False)
   t = read_hf(tmp_path / 'hf')
   assert 'lm_head.weight' not in t  # tied, and no source said otherwise
   np.testing.assert_array_equal(
@@ -110,6 +105,6 @@ def test_trained_checkpoint_exports_to_hf(tmp_path):
   np.testing.assert_array_equal(t['model.embed_tokens.weight'],
                                 np.asarray(params['embedder']['embedding']))
   # ... and back: the same parameters.
-  convert.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck2', progress=False)
+  checkpoint.hf_to_orbax(tmp_path / 'hf', tmp_path / 'ck2', progress=False)
   _, again = illada_jax.load_checkpoint(tmp_path / 'ck2')
-  _assert_trees_equal(again, params)
+  assert_trees_equal(again, params)

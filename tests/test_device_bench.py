@@ -71,11 +71,11 @@ def test_a_spent_deadline_skips_every_figure_and_still_writes_the_json(tmp_path)
 
 @pytest.mark.parametrize('which', ['model', 'train_model'])
 def test_flops_agree_with_the_train_loop(which):
-  from illada_jax import train
+  from illada_jax import flops
   cfg = getattr(device_bench.sizes(False, 'xla'), which)
   batch, length = 4, 2048
-  want = train.flops_per_token(cfg, length) * batch * length  # counts the norm weights too
-  assert 3 * device_bench.model_flops(cfg, batch, length, length) == pytest.approx(want, rel=1e-4)
+  want = flops.train_flops_per_token(cfg, length) * batch * length
+  assert 3 * device_bench.model_flops(cfg, batch, length, length) == pytest.approx(want, rel=1e-9)
   head = 2 * batch * (length - 32) * cfg.d_model * cfg.vocab_size
   got = device_bench.model_flops(cfg, batch, length, length) - device_bench.model_flops(
       cfg, batch, length, 32)

@@ -11,14 +11,14 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
 from illada_jax import data, train
-from test_train import make_data
+from illada_jax.optimizer import OptimizerConfig
+from helpers import tiny_config, write_train_config
 
 
 def _free_port() -> int:
@@ -51,16 +51,10 @@ def _run_pair(cfg_path, extra=()):
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_restore_and_match_one_process(tmp_path):
   root = str(tmp_path)
-  make_data(root)  # once, before the processes start
-  cfg_path = os.path.join(root, 'cfg.py')
-  with open(cfg_path, 'w') as f:
-    f.write(textwrap.dedent(f'''
-        import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_train import tiny_config
-        from illada_jax.optimizer import OptimizerConfig
-        CONFIG = tiny_config({root!r}, steps=4, checkpoint_every=2, mesh='data=1,fsdp=-1,tensor=1',
-                             optimizer=OptimizerConfig(total_steps=4))
-        '''))
+  cfg_path = write_train_config(  # data made once, before the processes start
+      os.path.join(root, 'cfg.py'),
+      tiny_config(root, steps=4, checkpoint_every=2, mesh='data=1,fsdp=-1,tensor=1',
+                  optimizer=OptimizerConfig(total_steps=4)))
   outs = _run_pair(cfg_path, ['--stop-after', '2'])
   assert 'stop_after at step 2' in outs[0]
   ckpt = os.path.join(root, 'run', 'checkpoints', '2')

@@ -6,44 +6,15 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from illada_jax import data, get_preset, text_tokenizer, train
+from illada_jax import flops, sharding, train
 from illada_jax.optimizer import OptimizerConfig
-
-SHAKESPEARE = '/work/shared/data/tinyshakespeare.txt'
-
-MODEL = get_preset('illada_tiny').replace(
-    num_layers=1, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_hidden=64,
-    vocab_size=128, param_dtype='float32', compute_dtype='float32', remat_policy='none')
-
-
-def make_data(root):
-  text = open(SHAKESPEARE).read()[:60000] if os.path.exists(SHAKESPEARE) else (
-      'to be or not to be\n\nthat is the question\n\n' * 500)
-  path = os.path.join(root, 'docs.jsonl')
-  if not os.path.exists(path):
-    data.write_jsonl(path, [{'text': d} for d in text.split('\n\n') if d.strip()])
-  tok = os.path.join(root, 'sp')
-  if not os.path.exists(tok + '.model'):
-    text_tokenizer.train_sentencepiece(text.split('\n'), tok, vocab_size=MODEL.vocab_size)
-  return path, tok + '.model'
-
-
-def tiny_config(root, **kw):
-  docs, tok = make_data(root)
-  base = dict(model=MODEL, data=data.DataConfig(paths=(docs,), tokenizer=tok),
-              optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2, total_steps=8),
-              batch_size=8, grad_accum=2, seq_len=16, steps=8, mesh='data=2,fsdp=2,tensor=2',
-              workdir=os.path.join(root, 'run'), log_every=1, checkpoint_every=3,
-              progress_bar=False, loss_chunk=8)
-  base.update(kw)
-  return train.TrainConfig(**base)
+from helpers import TRAIN_MODEL as MODEL, tiny_config, write_train_config
 
 
 def test_exact_resume(tmp_path):
@@ -87,31 +58,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
 
 
-def test_override():
-  cfg = train.TrainConfig()
-  cfg = train.override(cfg, 'optimizer.lr', '1e-3')
-  cfg = train.override(cfg, 'model.num_layers', '2')
-  cfg = train.override(cfg, 'data.paths', "('a.txt', 'b.txt')")
-  cfg = train.override(cfg, 'async_checkpoints', 'false')
-  assert cfg.optimizer.lr == 1e-3 and cfg.model.num_layers == 2
-  assert cfg.data.paths == ('a.txt', 'b.txt') and cfg.async_checkpoints is False
-  with pytest.raises(ValueError, match='no field'):
-    train.override(cfg, 'optimizer.lrr', '1')
-
-
 def _write_config(root, **kw):
-  cfg = tiny_config(root, **kw)
-  path = os.path.join(root, 'cfg.py')
-  with open(path, 'w') as f:
-    f.write(textwrap.dedent(f'''
-        import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_train import tiny_config
-        CONFIG = tiny_config({root!r}, steps={cfg.steps}, checkpoint_every={cfg.checkpoint_every},
-                             mesh='data=1,fsdp=2,tensor=1', optimizer=__import__(
-                                 'illada_jax.optimizer').optimizer.OptimizerConfig(
-                                 total_steps={cfg.steps}))
-        '''))
-  return path, cfg
+  """A config file for a 2-device subprocess run; returns (path, its TrainConfig)."""
+  cfg = tiny_config(root, mesh='data=1,fsdp=2,tensor=1', **kw)
+  cfg = dataclasses.replace(cfg, optimizer=OptimizerConfig(total_steps=cfg.steps))
+  return write_train_config(os.path.join(root, 'cfg.py'), cfg), cfg
 
 
 def _env():
@@ -220,7 +171,7 @@ def test_periodic_eval_and_tensorboard_events(tmp_path):
   assert [m['step'] for m in logged if 'eval_loss' in m] == [2, 4]
   # With a peak given, MFU is the model FLOP rate over it (all devices together).
   m = [m for m in logged if 'mfu' in m][-1]
-  flops = train.flops_per_token(cfg.model, cfg.seq_len) * m['tokens_per_sec']
+  flops = flops.train_flops_per_token(cfg.model, cfg.seq_len) * m['tokens_per_sec']
   assert m['mfu'] == pytest.approx(flops / (1e12 * jax.device_count()), rel=1e-9)
 
 
@@ -228,9 +179,31 @@ def test_peak_flops_known_only_for_listed_kinds_in_bf16():
   class Device:
     def __init__(self, kind):
       self.device_kind = kind
-  assert train.peak_flops(Device('TPU v5p')) == 459e12
-  assert train.peak_flops(Device('TPU v5 lite')) == 197e12
-  assert train.peak_flops(Device('NVIDIA H200')) == 989e12
-  assert train.peak_flops(Device('TPU v5p'), 'float32') is None
-  assert train.peak_flops(Device('cpu')) is None
-  assert train.peak_flops(jax.devices()[0], 'bfloat16') is None
+  assert flops.peak_flops(Device('TPU v5p')) == 459e12
+  assert flops.peak_flops(Device('TPU v5 lite')) == 197e12
+  assert flops.peak_flops(Device('NVIDIA H200')) == 989e12
+  assert flops.peak_flops(Device('TPU v5p'), 'float32') is None
+  assert flops.peak_flops(Device('cpu')) is None
+  assert flops.peak_flops(jax.devices()[0], 'bfloat16') is None
+
+
+def test_train_step_shardings_follow_the_rules():
+  """Editing the rules table moves the batch, the parameters and the optimizer state."""
+  mesh = sharding.make_mesh('data=2,fsdp=2,tensor=2')
+  custom = tuple({**dict(sharding.RULES), 'act_batch': 'data', 'embed': None,
+                  'mlp': 'fsdp'}.items())
+  specs = {}
+  for name, rules in (('default', sharding.RULES), ('custom', custom)):
+    cfg = train.TrainConfig(model=MODEL, batch_size=8, seq_len=8, sharding_rules=rules)
+    tx = train.opt_lib.make_optimizer(cfg.optimizer)
+    abstract, _ = train.state_shardings(cfg, mesh, tx)
+    batch = {'tokens': jax.ShapeDtypeStruct((8, 8), np.int32,
+                                            sharding=train.batch_sharding(mesh, rules))}
+    state_in, batch_in = train.jit_train_step(cfg, tx, mesh).lower(abstract, batch).compile(
+        ).input_shardings[0]
+    specs[name] = (batch_in['tokens'].spec, state_in['params']['layers']['mlp']['gate_proj'].spec,
+                   state_in['opt_state'][1][0].mu['layers']['mlp']['gate_proj'].spec)
+  P = jax.sharding.PartitionSpec
+  assert specs['default'] == (P(('data', 'fsdp'), None), P(None, 'fsdp', 'tensor'),
+                              P(None, 'fsdp', 'tensor'))
+  assert specs['custom'] == (P('data', None), P(None, None, 'fsdp'), P(None, None, 'fsdp'))

@@ -35,7 +35,6 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,32 +42,8 @@ from illada_jax import engine, get_preset, sharding  # noqa: E402
 from illada_jax import model as model_lib  # noqa: E402
 from illada_jax import optimizer as opt_lib  # noqa: E402
 from illada_jax import train as train_lib  # noqa: E402
+from illada_jax.kernels.aot import GiB, TOPOLOGIES, topology_devices  # noqa: E402
 from illada_jax.sampling import SamplingOptions  # noqa: E402
-
-GiB = 2 ** 30
-
-# Product name -> (topology descriptor, HBM per chip in bytes). v4/v5p names
-# count TensorCores (2 per chip); v5e/v6e names count chips.
-TOPOLOGIES = {
-    'v5p-8': ('v5p:2x2x1', 95 * GiB),
-    'v5p-16': ('v5p:2x2x2', 95 * GiB),
-    'v5p-32': ('v5p:2x2x4', 95 * GiB),
-    'v5p-64': ('v5p:2x4x4', 95 * GiB),
-    'v5p-128': ('v5p:4x4x4', 95 * GiB),
-    'v5p-256': ('v5p:4x4x8', 95 * GiB),
-    'v5p-512': ('v5p:4x8x8', 95 * GiB),
-    'v6e-8': ('v6e:2x4', 32 * GiB),
-    'v6e-16': ('v6e:4x4', 32 * GiB),
-    'v6e-64': ('v6e:8x8', 32 * GiB),
-    'v6e-256': ('v6e:16x16', 32 * GiB),
-    'v5e-256': ('v5litepod:16x16', 16 * GiB),
-}
-
-
-def topology_devices(name: str):
-  desc, hbm = TOPOLOGIES.get(name, (name, None))
-  topo = topologies.get_topology_desc(desc, 'tpu')
-  return topo.devices, hbm
 
 
 def train_config(args, n_devices: int, per_device_batch: int) -> train_lib.TrainConfig:
@@ -86,7 +61,7 @@ def compile_train_step(cfg: train_lib.TrainConfig, devices):
   mesh = sharding.make_mesh(cfg.mesh, devices=devices)
   tx = opt_lib.make_optimizer(cfg.optimizer)
   abstract_state, _ = train_lib.state_shardings(cfg, mesh, tx)
-  bs = train_lib.batch_sharding(mesh)
+  bs = train_lib.batch_sharding(mesh, cfg.sharding_rules)
   tokens = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=bs)
   batch = {'tokens': tokens}
   if cfg.objective == 'sft':

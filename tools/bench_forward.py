@@ -5,11 +5,11 @@ Measures, in the same run, (1) the matmul rate of this device in each dtype
 throughput of a jitted forward pass of a preset, then prints one line per
 figure: the forward's model FLOP rate as a fraction of that measured matmul
 rate (`of matmul rate`). This is not MFU: MFU divides by the device's
-datasheet peak, which a CPU does not have; where `train.peak_flops` knows the
+datasheet peak, which a CPU does not have; where `flops.peak_flops` knows the
 device's peak for the dtype (TPU kinds, H100/H200, bf16), MFU against it is
-printed too. Model FLOPs count the matmuls: 2 * tokens * (matmul params incl.
-the LM head) + 4 * B * L^2 * H * Dh per layer (scores and values); norms,
-RoPE and softmax are not counted. Dated results: docs/benchmarks.md.
+printed too. Model FLOPs are `illada_jax.flops.forward_flops_per_token`
+(weight matmuls incl. the LM head, attention scores and values; norms, RoPE
+and softmax not counted) times the tokens. Dated results: docs/benchmarks.md.
 
   python tools/bench_forward.py [--preset illada_100m] [--batch 4] [--seq-len 512]
 """
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import illada_jax
-from illada_jax import train
+from illada_jax import flops as flops_lib
 
 
 def best_seconds(fn, *args, repeats: int) -> float:
@@ -45,16 +45,6 @@ def matmul_rate(dtype, n: int, repeats: int) -> float:
   return 2 * n ** 3 / best_seconds(mm, a, b, repeats=repeats)
 
 
-def model_flops(cfg, batch: int, seq_len: int) -> float:
-  d, h, k, dh, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                       cfg.mlp_hidden, cfg.vocab_size)
-  per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * f
-  tokens = batch * seq_len
-  matmuls = 2 * tokens * (cfg.num_layers * per_layer + d * v)
-  attention = cfg.num_layers * 4 * batch * seq_len ** 2 * h * dh
-  return matmuls + attention
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--preset', default='illada_100m')
@@ -67,7 +57,7 @@ def main(argv=None):
 
   base = illada_jax.get_preset(args.preset).replace(remat_policy='none')
   n_params = illada_jax.param_count(base)
-  flops = model_flops(base, args.batch, args.seq_len)
+  flops = flops_lib.forward_flops_per_token(base, args.seq_len) * args.batch * args.seq_len
   tokens = np.random.default_rng(0).integers(
       0, base.vocab_size, (args.batch, args.seq_len)).astype(np.int32)
   print(f'# {args.preset}: {n_params / 1e6:.1f}M params, batch {args.batch} x '
@@ -83,7 +73,7 @@ def main(argv=None):
     achieved = flops / seconds
     print(f'matmul rate {name}: {rate / 1e9:.1f} GFLOP/s ({args.matmul_size}^3, best of '
           f'{args.repeats})')
-    peak = train.peak_flops(jax.devices()[0], name)
+    peak = flops_lib.peak_flops(jax.devices()[0], name)
     mfu = f', MFU {achieved / peak:.1%} of the datasheet {name} peak' if peak else ''
     print(f'forward {name}: {args.batch * args.seq_len / seconds:.0f} tokens/s, '
           f'{seconds * 1e3:.1f} ms, {achieved / 1e9:.1f} GFLOP/s, '

@@ -224,19 +224,16 @@ def seconds_per_call(fn, *args, budget_s: float = 1.0, group_s: float = 0.05):
 
 
 def model_flops(cfg, batch: int, length: int, head_positions: int) -> float:
-  """Forward FLOPs of the model's matmuls on `[batch, length]` tokens.
+  """Forward FLOPs of the model's matmuls on `[batch, length]` tokens, the LM head
+  (2 D V per position) on only `head_positions` positions of each row.
 
-  Per layer and token 2 x (q, k, v, o and the three MLP weights); attention
-  4 B L^2 H Dh per layer (scores and values, no causal mask); the LM head
-  2 D V on `head_positions` positions of each row. Norms, RoPE and softmax
-  are not counted. With the head on every position, 3x this is
-  `train.flops_per_token` x tokens (up to the norm weights).
+  `illada_jax.flops.forward_flops_per_token` (PaLM's MFU count: weight matmuls,
+  attention scores and values; norms, RoPE, softmax not counted) without the
+  head on the positions it skips.
   """
-  d, h, k, dh, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_hidden
-  per_token = 2 * (2 * d * h * dh + 2 * d * k * dh + 3 * d * f)
-  layer_attention = 4 * batch * length * length * h * dh
-  head = 2 * batch * head_positions * d * cfg.vocab_size
-  return float(cfg.num_layers * (batch * length * per_token + layer_attention) + head)
+  from illada_jax import flops
+  skipped = 2 * batch * (length - head_positions) * cfg.d_model * cfg.vocab_size
+  return batch * length * flops.forward_flops_per_token(cfg, length) - skipped
 
 
 def _normal(key, shape, dtype=jnp.bfloat16):

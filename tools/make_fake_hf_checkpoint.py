@@ -20,8 +20,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 import ml_dtypes  # noqa: E402
 
-from illada_jax import convert, get_preset  # noqa: E402
-from illada_jax.checkpoint import write_json  # noqa: E402
+from illada_jax import get_preset  # noqa: E402
+from illada_jax.checkpoint.hf_names import head_name, layout  # noqa: E402
+from illada_jax.checkpoint.safetensors_io import OutTensor, parse_size, write_safetensors  # noqa: E402
+from illada_jax.checkpoint.store import write_json  # noqa: E402
 
 _BLOCK_ELEMS = 32 << 20  # 64 MB of bfloat16
 
@@ -31,14 +33,14 @@ def random_block(seed: int) -> np.ndarray:
   return (bits & np.uint16(0xBFFF)).view(ml_dtypes.bfloat16)  # top exponent bit off: finite
 
 
-def fake_tensors(cfg, block: np.ndarray, head: bool) -> list[convert.OutTensor]:
+def fake_tensors(cfg, block: np.ndarray, head: bool) -> list[OutTensor]:
   bf16 = np.dtype(ml_dtypes.bfloat16)
   names = []
-  for m in convert.layout(cfg):
+  for m in layout(cfg):
     for i in (range(cfg.num_layers) if m.stacked else [None]):
       names.append((m.hf_name(i), m.hf_shape))
   if head and cfg.tie_embeddings:
-    names.append((convert.head_name(cfg), (cfg.vocab_size, cfg.d_model)))
+    names.append((head_name(cfg), (cfg.vocab_size, cfg.d_model)))
 
   def chunks(size, start):
     def gen():
@@ -51,9 +53,9 @@ def fake_tensors(cfg, block: np.ndarray, head: bool) -> list[convert.OutTensor]:
     return gen
 
   # A stored tied head must equal the embedding (names[0]): same start offset.
-  starts = [0 if n == convert.head_name(cfg) and cfg.tie_embeddings else (k * 7919) % len(block)
+  starts = [0 if n == head_name(cfg) and cfg.tie_embeddings else (k * 7919) % len(block)
             for k, (n, _) in enumerate(names)]
-  return [convert.OutTensor(n, bf16, tuple(s), chunks(math.prod(s), a))
+  return [OutTensor(n, bf16, tuple(s), chunks(math.prod(s), a))
           for (n, s), a in zip(names, starts)]
 
 
@@ -62,7 +64,7 @@ def make(preset: str, out_dir: str, shard_size: str = '5GB', seed: int = 0,
   cfg = get_preset(preset).replace(**overrides)
   os.makedirs(out_dir)
   tensors = fake_tensors(cfg, random_block(seed), head)
-  convert.write_safetensors(out_dir, tensors, convert.parse_size(shard_size))
+  write_safetensors(out_dir, tensors, parse_size(shard_size))
   write_json(os.path.join(out_dir, 'config.json'), cfg.to_hf())
   write_json(os.path.join(out_dir, 'tokenizer_config.json'), {'model_max_length': cfg.max_len})
 

@@ -40,16 +40,16 @@ def main(argv: list[str] | None = None) -> int:
   # Conversion is host work: keep JAX off any accelerator (and its memory).
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   from absl import logging as absl_logging
-  from illada_jax import convert  # after parsing: --help stays fast
+  from illada_jax import checkpoint  # after parsing: --help stays fast
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes would break the progress bar
   try:
     if args.command == 'hf-to-orbax':
-      cfg = convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh,
+      cfg = checkpoint.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh,
                                 overwrite=args.overwrite, progress=not args.quiet)
     else:
-      cfg = convert.orbax_to_hf(args.src, args.dst, shard_size=args.shard_size,
+      cfg = checkpoint.orbax_to_hf(args.src, args.dst, shard_size=args.shard_size,
                                 overwrite=args.overwrite, progress=not args.quiet)
-  except convert.ConversionError as e:
+  except checkpoint.ConversionError as e:
     print(f'illada-convert: error: {e}', file=sys.stderr)
     return 2
   print(f'illada-convert: wrote {args.dst} ({cfg.family}, {cfg.num_layers} layers, '

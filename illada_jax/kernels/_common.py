@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-f32 = jnp.float32
+# MASK_VALUE: the XLA path's finite score of a hidden key, so that a query
+# whose keys are all hidden gets a uniform distribution over the S real keys,
+# as in XLA.
+from illada_jax.attention import MASK_VALUE
+from illada_jax.util import round_up
 
-# Same finite value as attention.xla_attention: a query whose keys are all
-# hidden gets a uniform distribution over the S real keys, as in XLA.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+f32 = jnp.float32
 
 # Contract the last dim of both operands (A @ B^T) / the first dim (A^T @ B).
 NT = (((1,), (1,)), ((), ()))
@@ -44,10 +46,6 @@ def dot(a, b, dims=NN):
   """
   prec = jax.lax.Precision.HIGHEST if a.dtype == f32 else jax.lax.Precision.DEFAULT
   return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
-
-
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def to_rows(q_BLHD, num_kv_heads: int, lp: int):

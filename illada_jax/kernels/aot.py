@@ -1,5 +1,6 @@
 """Ahead-of-time TPU compilation from a CPU host (needs libtpu, not a TPU).
 
+`TOPOLOGIES` names the TPU slices used here (descriptor and HBM per chip);
 `topology_mesh('v5p-8')` builds a (data, fsdp, tensor) mesh over the devices
 of a TPU topology description; `compile_attention` and `compile_model_grad`
 lower and compile forward+backward on it, so Mosaic lowering, sharding and
@@ -18,17 +19,39 @@ from illada_jax import model, sharding
 from illada_jax.attention import attention
 from illada_jax.config import ModelConfig
 
-# Slice name -> topology string of `jax.experimental.topologies`.
-TOPOLOGIES = {'v5p-8': 'v5p:2x2x1', 'v6e-8': 'v6e:2x4'}
+GiB = 2 ** 30
+
+# Slice name -> (topology descriptor of `jax.experimental.topologies`, HBM per
+# chip in bytes). v4/v5p names count TensorCores (2 per chip); v5e/v6e names
+# count chips.
+TOPOLOGIES = {
+    'v5p-8': ('v5p:2x2x1', 95 * GiB),
+    'v5p-16': ('v5p:2x2x2', 95 * GiB),
+    'v5p-32': ('v5p:2x2x4', 95 * GiB),
+    'v5p-64': ('v5p:2x4x4', 95 * GiB),
+    'v5p-128': ('v5p:4x4x4', 95 * GiB),
+    'v5p-256': ('v5p:4x4x8', 95 * GiB),
+    'v5p-512': ('v5p:4x8x8', 95 * GiB),
+    'v6e-8': ('v6e:2x4', 32 * GiB),
+    'v6e-16': ('v6e:4x4', 32 * GiB),
+    'v6e-64': ('v6e:8x8', 32 * GiB),
+    'v6e-256': ('v6e:16x16', 32 * GiB),
+    'v5e-256': ('v5litepod:16x16', 16 * GiB),
+}
+
+
+def topology_devices(name: str):
+  """(devices, HBM bytes per chip or None) of slice `name` or of a raw descriptor ('v5p:4x4x8')."""
+  # Compiling only: another process holding libtpu's lockfile must not block us.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies
+  desc, hbm = TOPOLOGIES.get(name, (name, None))
+  return topologies.get_topology_desc(desc, 'tpu').devices, hbm
 
 
 def topology_mesh(slice_name: str, mesh_shape: str | None = None):
   """A (data, fsdp, tensor) mesh over the chips of `slice_name` (default: all fsdp)."""
-  # Compiling only: another process holding libtpu's lockfile must not block us.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  from jax.experimental import topologies
-  topo = topologies.get_topology_desc(TOPOLOGIES[slice_name], 'tpu')
-  return sharding.make_mesh(mesh_shape, devices=topo.devices)
+  return sharding.make_mesh(mesh_shape, devices=topology_devices(slice_name)[0])
 
 
 def _batch_size(mesh, per_chip: int) -> int:

@@ -71,7 +71,7 @@ def _sharded(local_fn, mesh, rules, q_BLHD, k_BSKD, v_BSKD, kv_mask_BS):
 
 
 def _dispatch(make_local, q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None):
-  active = getattr(sharding._ACTIVE, 'value', None)
+  active = sharding.active()
   if active is None:
     return make_local(_platform(None))(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS)
   mesh, rules = active

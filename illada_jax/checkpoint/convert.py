@@ -1,0 +1,190 @@
+"""Hugging Face safetensors <-> checkpoint directory conversion, streaming, both families.
+
+`hf_to_orbax` reads a Hugging Face directory (`config.json`, one
+`model.safetensors` or shards with `model.safetensors.index.json`, tokenizer
+files) of the iLLaDA (Llama names) or LLaDA (OLMo names) layout and writes a
+checkpoint directory (`store`); `orbax_to_hf` goes back. Either way memory
+holds a few blocks of rows, never a whole tensor:
+
+* safetensors are read a block of rows at a time (`safetensors_io`),
+  renamed and re-laid out by `hf_names` and `_transpose`, and written leaf
+  by leaf into the Orbax item (`_to_orbax`, `_orbax_stream.save_streaming`:
+  each block of rows becomes one zarr3 inner chunk of its leaf, `_blocks`);
+* going back, stored arrays are read an inner chunk (or a layer) at a time
+  (`_to_hf`) and streamed into safetensors shards whose headers are
+  computed before any data.
+
+Every input problem raises `ConversionError` naming the file and tensor,
+before anything is written where possible; output goes to a temporary
+sibling directory renamed into place at the end and removed on failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from illada_jax.checkpoint import _orbax_stream, _to_hf, _to_orbax, store
+from illada_jax.checkpoint.errors import ConversionError
+from illada_jax.checkpoint.hf_names import layout
+from illada_jax.checkpoint.safetensors_io import HFSource, OutTensor, parse_size, write_safetensors
+from illada_jax.config import ModelConfig
+
+
+class _Progress:
+  """tqdm over bytes written, with tensors done in the postfix (thread-safe enough)."""
+
+  def __init__(self, total_bytes: int, total_tensors: int, desc: str, enabled: bool):
+    self.bar = tqdm(total=total_bytes, unit='B', unit_scale=True, unit_divisor=1024,
+                    desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+    self.tensors, self.total_tensors = 0, total_tensors
+
+  def tensor_done(self):
+    self.tensors += 1
+    self.bar.set_postfix_str(f'{self.tensors}/{self.total_tensors} tensors', refresh=False)
+
+  def add_bytes(self, n: int):
+    self.bar.update(n)
+
+  def close(self):
+    self.bar.close()
+
+
+class _Destination:
+  """A temporary sibling of `dst`: renamed onto it if the `with` block succeeds, else removed."""
+
+  def __init__(self, dst: str | os.PathLike, overwrite: bool):
+    self.dst = os.path.abspath(dst)
+    if os.path.lexists(self.dst) and not overwrite:
+      raise ConversionError(f'{self.dst}: destination exists (pass --overwrite to replace it)')
+    parent = os.path.dirname(self.dst)
+    if not os.path.isdir(parent):
+      raise ConversionError(f'{parent}: parent directory of the destination does not exist')
+    self.tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.dst)}.tmp-', dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not what a checkpoint wants
+
+  def __enter__(self) -> str:
+    return self.tmp
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      return False
+    if os.path.lexists(self.dst):
+      old = self.tmp + '.old'
+      os.rename(self.dst, old)
+      os.rename(self.tmp, self.dst)
+      if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+      else:
+        os.remove(old)
+    else:
+      os.rename(self.tmp, self.dst)
+    return False
+
+
+def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+                dtype: str = 'bfloat16', mesh: str | None = None, overwrite: bool = False,
+                progress: bool = True) -> ModelConfig:
+  """Converts a Hugging Face directory of either family to a checkpoint directory.
+
+  `dtype` is the stored parameter dtype (`cfg.param_dtype`). `mesh`
+  ('data=1,fsdp=8,tensor=1') picks inner chunks that match one device's
+  shard on that mesh, so restoring there reads no more than it needs.
+  Returns the model config. Raises ConversionError on any bad input.
+  """
+  if dtype not in ('bfloat16', 'float32', 'float16'):
+    raise ConversionError(f'--dtype {dtype}: expected bfloat16, float32 or float16')
+  src = HFSource(src_dir)
+  cfg = src.config(param_dtype=dtype)
+  try:
+    prefs = _to_orbax.read_chunk_prefs(cfg, mesh)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  tied_head = _to_orbax.check_source(src, cfg)
+  maps = layout(cfg)
+  itemsize = np.dtype(dtype).itemsize
+  total_bytes = sum(math.prod(m.shape(cfg)) for m in maps) * itemsize
+  total_tensors = sum(cfg.num_layers if m.stacked else 1 for m in maps)
+  with _Destination(dst_dir, overwrite) as tmp:
+    bar = _Progress(total_bytes, total_tensors, 'hf-to-orbax', progress)
+    try:
+      _orbax_stream.save_streaming(store.params_dir(tmp), _to_orbax.lazy_tree(src, cfg, prefs, bar))
+    except ConversionError:
+      raise
+    except Exception as e:  # Orbax re-raises from its worker thread with context lost
+      raise ConversionError(f'{src.dir}: writing {dst_dir} failed: {e!r}') from e
+    finally:
+      bar.close()
+    store.write_config(tmp, cfg)
+    dtypes = sorted({src.entries[m.hf_name(0 if m.stacked else None)].dtype for m in maps})
+    store.write_json(os.path.join(tmp, store.SOURCE_FILE), {
+        'family': cfg.family, 'tied_head_stored': tied_head, 'source_dtypes': dtypes,
+        'source_dir': src.dir})
+    store.copy_tokenizer_files(src.dir, tmp)
+  return cfg
+
+
+def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+                shard_size: str | int = '5GB', overwrite: bool = False,
+                progress: bool = True) -> ModelConfig:
+  """Converts a checkpoint directory back to a Hugging Face directory of its family.
+
+  Writes `config.json` (`cfg.to_hf()`), safetensors shards of at most
+  `shard_size`, `model.safetensors.index.json` and the tokenizer files. A
+  tied head is written only if the converted source had one
+  (`hf_source.json`). Raises ConversionError on any bad input.
+  """
+  src = os.path.abspath(src_dir)
+  shard_bytes = parse_size(shard_size)
+  try:
+    cfg = store.load_config(src)
+    arrays = _orbax_stream.open_stored_arrays(store.params_dir(src))
+  except (OSError, ValueError) as e:
+    raise ConversionError(f'{src}: not a readable checkpoint ({e})') from None
+  maps = layout(cfg)
+  for m in maps:
+    if m.key not in arrays:
+      raise ConversionError(f'{src}: parameter {m.key} is missing')
+    if tuple(arrays[m.key].shape) != m.shape(cfg):
+      raise ConversionError(f'{src}: parameter {m.key} has shape {list(arrays[m.key].shape)}, '
+                            f'{store.CONFIG_FILE} implies {list(m.shape(cfg))}')
+  extra = sorted(set(arrays) - {m.key for m in maps})
+  if extra:
+    raise ConversionError(f'{src}: unexpected parameter {extra[0]}')
+  source = {}
+  source_path = os.path.join(src, store.SOURCE_FILE)
+  if os.path.isfile(source_path):
+    with open(source_path) as f:
+      source = json.load(f)
+  tensors = _to_hf.out_tensors(cfg, arrays, bool(source.get('tied_head_stored', False)))
+  stored_dtype = str(np.dtype(arrays['embedder/embedding'].dtype.numpy_dtype))
+  with _Destination(dst_dir, overwrite) as tmp:
+    bar = _Progress(sum(t.nbytes for t in tensors), len(tensors), 'orbax-to-hf', progress)
+    try:
+      write_safetensors(tmp, _counting(tensors, bar), shard_bytes, bar.add_bytes)
+    finally:
+      bar.close()
+    hf = cfg.replace(param_dtype=stored_dtype).to_hf()
+    store.write_json(os.path.join(tmp, 'config.json'), hf)
+    store.copy_tokenizer_files(src, tmp)
+  return cfg
+
+
+def _counting(tensors: list[OutTensor], bar: _Progress) -> list[OutTensor]:
+  def wrap(t):
+    def chunks():
+      yield from t.chunks()
+      bar.tensor_done()
+    return dataclasses.replace(t, chunks=chunks)
+  return [wrap(t) for t in tensors]
+
