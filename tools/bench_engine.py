@@ -1,10 +1,11 @@
 """Batch inference: the continuous batching engine against static batching, same requests.
 
 The task is built and a model trained here, once (cached under `--workdir`):
-reverse a string of 3-20 letters (`qwe=` -> `ewq`, then EOS). Prompts are 5-22
-tokens (BOS, letters, `=`), answers 3-20 tokens: both vary more than 4x. A
-tiny iLLaDA of the demo's size learns it with the project's SFT loop, and
-answers with its EOS where the reversed string ends.
+reverse the 3-20 letters after a `|` that follows 0-16 letters of noise
+(`kfo|qwe=` -> `ewq`, then EOS). Prompts are 6-39 tokens (BOS, noise, `|`,
+letters, `=`), answers 3-20 tokens: each varies more than 4x, independently
+of the other. A tiny iLLaDA of the demo's size learns it with the project's
+SFT loop on whole (fixed-length) canvases.
 
 The held-out prompts are sampled three ways with the same settings (variable
 length, block `--block-length`, one token per step, greedy), B = `--slots`:
@@ -13,7 +14,7 @@ length, block `--block-length`, one token per step, greedy), B = `--slots`:
       run until its slowest row ends (what `illada-sample` did before the engine:
       one program per distinct padded length)
   (b) static batches after sorting the prompts by length
-  (c) the engine (`illada_jax.Engine`), B slots, prompt buckets 16 and 32
+  (c) the engine (`illada_jax.Engine`), B slots, prompt buckets 16, 24, 32 and 40
 
 Each way runs once to compile, then `--repeats` times; the fastest is kept.
 Per way: wall seconds, output tokens/s (answer tokens before EOS), computed
@@ -41,15 +42,18 @@ from illada_jax import train as train_lib
 from illada_jax.demo import model_config
 from illada_jax.optimizer import OptimizerConfig
 
-MIN_LEN, MAX_LEN = 3, 20  # letters per string
+MIN_LEN, MAX_LEN = 3, 20  # letters to reverse
+MAX_NOISE = 16  # letters before the `|`
 
 
 def problems(n: int, seed: int) -> list[dict]:
   rng = np.random.default_rng(seed)
+  letters = list(string.ascii_lowercase)
   out = []
   for _ in range(n):
-    s = ''.join(rng.choice(list(string.ascii_lowercase), rng.integers(MIN_LEN, MAX_LEN + 1)))
-    out.append({'prompt': s + '=', 'response': s[::-1]})
+    noise = ''.join(rng.choice(letters, rng.integers(0, MAX_NOISE + 1)))
+    s = ''.join(rng.choice(letters, rng.integers(MIN_LEN, MAX_LEN + 1)))
+    out.append({'prompt': f'{noise}|{s}=', 'response': s[::-1]})
   return out
 
 
@@ -66,7 +70,8 @@ def prepare(workdir: str, steps: int, retrain: bool):
         [p['prompt'] + p['response'] for p in train[:5000]],
         os.path.join(workdir, 'tokenizer', 'sp'), vocab_size=40, model_type='char',
         add_dummy_prefix=False)
-    seq_len = 1 + MAX_LEN + 1 + MAX_LEN + 4  # BOS, letters, '=', the answer and its EOS
+    # BOS, noise, '|', letters, '=', the answer and its EOS: 60, padded with EOS to 64.
+    seq_len = 64
     cfg = train_lib.TrainConfig(
         model=model_config(40), objective='sft',
         data=data_lib.DataConfig(paths=(os.path.join(data_dir, 'train.jsonl'),),
@@ -131,7 +136,7 @@ def main(argv=None):
   ap.add_argument('--block-length', type=int, default=4)
   ap.add_argument('--gen-length', type=int, default=24, help='generation limit (whole blocks)')
   ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--train-steps', type=int, default=1500)
+  ap.add_argument('--train-steps', type=int, default=2000)
   ap.add_argument('--retrain', action='store_true')
   args = ap.parse_args(argv)
 
@@ -148,7 +153,7 @@ def main(argv=None):
   file_order = [reqs[i:i + b] for i in range(0, len(reqs), b)]
   by_len = sorted(reqs, key=lambda r: len(r.prompt_ids))
   sorted_batches = [by_len[i:i + b] for i in range(0, len(reqs), b)]
-  eng = engine.Engine(cfg, params, tokenizer=tok, slots=b, buckets=(16, 32))
+  eng = engine.Engine(cfg, params, tokenizer=tok, slots=b, buckets=(16, 24, 32, 40))
   ways = {'(a) static, file order': lambda: static(cfg, params, file_order, o),
           '(b) static, sorted by length': lambda: static(cfg, params, sorted_batches, o),
           '(c) engine': lambda: with_engine(eng, reqs)}
