@@ -171,8 +171,8 @@ def test_periodic_eval_and_tensorboard_events(tmp_path):
   assert [m['step'] for m in logged if 'eval_loss' in m] == [2, 4]
   # With a peak given, MFU is the model FLOP rate over it (all devices together).
   m = [m for m in logged if 'mfu' in m][-1]
-  flops = flops.train_flops_per_token(cfg.model, cfg.seq_len) * m['tokens_per_sec']
-  assert m['mfu'] == pytest.approx(flops / (1e12 * jax.device_count()), rel=1e-9)
+  rate = flops.train_flops_per_token(cfg.model, cfg.seq_len) * m['tokens_per_sec']
+  assert m['mfu'] == pytest.approx(rate / (1e12 * jax.device_count()), rel=1e-9)
 
 
 def test_peak_flops_known_only_for_listed_kinds_in_bf16():
