@@ -80,7 +80,7 @@ def prepare(workdir: str, steps: int, retrain: bool):
                                   decay_fraction=0.2, weight_decay=0.01, final_lr_fraction=0.05),
         batch_size=128, seq_len=seq_len, steps=steps, seed=0,
         workdir=os.path.join(workdir, 'run'), log_every=100, eval_every=0,
-        checkpoint_every=steps, keep_checkpoints=1, loss_chunk=64)
+        checkpoint_every=250, keep_checkpoints=1, loss_chunk=64)
     if retrain and os.path.isdir(cfg.workdir):
       import shutil
       shutil.rmtree(cfg.workdir)
