@@ -10,6 +10,8 @@ admits requests into free slots, checks stops (EOS/EOT, stop strings in the
 decoded text, max new tokens, the length limit) and hands finished requests
 out; a request leaves as soon as it is done, and a long one never holds the
 others back (SGLang's diffusion-LM scheduler releases early the same way).
+A pool starts at its smallest prompt bucket and is widened to the next one
+when the waiting requests no longer fit, so it drains only once.
 
 Programs are keyed by (settings group, bucket): settings that change the
 program (`SamplingOptions.program_key`) group requests; stop strings, max new
@@ -113,6 +115,7 @@ class EngineStats:
   """Counters since the engine was made (seconds are wall time)."""
   compiles: int = 0
   blocks: int = 0  # block programs run
+  widenings: int = 0  # pools widened to a larger bucket with requests live
   requests: int = 0
   output_tokens: int = 0  # tokens behind the returned texts
   generated_tokens: int = 0  # positions denoised for finished requests
@@ -123,6 +126,11 @@ class EngineStats:
   def host_share(self) -> float:
     """Fraction of wall time the host spent outside device waits (dispatch, admission, stops)."""
     return 1. - self.wait_seconds / self.seconds if self.seconds else 0.
+
+
+# Per-column canvas fields and the value of an idle column (pad token, position 0, hidden,
+# counted as prompt, never committed), in `Engine._widen`'s order.
+_COLUMN_FIELDS = ('x_BL', 'pos_BL', 'visible_BL', 'prompt_BL', 'step_BL')
 
 
 @dataclasses.dataclass
@@ -226,6 +234,7 @@ class Engine:
     self.buckets = tuple(sorted(set(buckets or default_buckets(cfg.max_len))))
     self.stats = EngineStats()
     self._programs: dict = {}
+    self._wideners: dict = {}
     self._ends = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
 
   # -- settings --------------------------------------------------------------
@@ -305,8 +314,7 @@ class Engine:
     start = time.perf_counter()
     try:
       for group, queues in groups.items():
-        for bucket in sorted(queues, reverse=True):
-          yield from self._run_pool(group, bucket, queues)
+        yield from self._run_group(group, queues)
     finally:
       self.stats.seconds += time.perf_counter() - start
 
@@ -315,30 +323,60 @@ class Engine:
       return min(o.num_blocks, (self.cfg.max_len - p) // o.block_length)
     return o.num_blocks
 
-  def _run_pool(self, o: SamplingOptions, bucket: int, queues) -> Iterator[Completion]:
-    """Continuous batching of one (group, bucket) pool until it has nothing left."""
-    own = queues[bucket]
-    if not own:
+  def _widen(self, canvas, bucket: int, new: int):
+    """The pool's canvas with `new - bucket` idle columns put before every row."""
+    key = (bucket, new)
+    if key not in self._wideners:
+      pad = (self.cfg.pad_token_id, 0, False, True, -1)
+      def widen(c):
+        cols = lambda a, v: jnp.pad(a, ((0, 0), (new - bucket, 0)), constant_values=v)
+        return c.replace(**{f: cols(getattr(c, f), v) for f, v in zip(_COLUMN_FIELDS, pad)})
+      self._wideners[key] = jax.jit(widen)
+    return self._wideners[key](canvas)
+
+  def _run_group(self, o: SamplingOptions, queues) -> Iterator[Completion]:
+    """Continuous batching of one settings group, from its smallest bucket to its largest.
+
+    The pool starts at the smallest bucket with requests. When no waiting
+    request fits the current width and slots are free, the canvas is widened
+    to the next bucket (idle columns before the prompts: positions and key
+    masks are per row, so live rows compute the same tokens) as soon as that
+    moves more rows per computed column; the pool drains only once, at the end.
+    """
+    order = sorted(b for b in queues if queues[b])
+    if not order:
       return
-    smaller = [queues[b] for b in sorted(queues, reverse=True) if b < bucket]
-    program = self._program(o, bucket)
-    n, w = self.slots, o.block_length
-    canvas = self._put(block_inputs(self.cfg, o, n, bucket)[0])
+    n, w, g = self.slots, o.block_length, o.gen_length
+    bucket = order[0]
+    canvas = None
     live: list[_Live | None] = [None] * n
-    own_live = 0
-    while own or any(live):
+    while True:
+      free = [s for s in range(n) if live[s] is None]
+      fits = [queues[b] for b in order if b <= bucket and queues[b]]
+      larger = [b for b in order if b > bucket and queues[b]]
+      if free and not fits and larger:
+        busy, waiting = n - len(free), sum(len(queues[b]) for b in larger)
+        gain = min(len(free), waiting)
+        # Rows per column before and after widening: (busy)/(bucket+G) vs (busy+gain)/(new+G).
+        if busy == 0 or (busy + gain) * (bucket + g) >= busy * (larger[0] + g):
+          if busy:
+            canvas = self._widen(canvas, bucket, larger[0])
+            self.stats.widenings += 1
+          else:
+            canvas = None
+          bucket = larger[0]
+          fits = [queues[b] for b in order if b <= bucket and queues[b]]
+      if canvas is None:
+        canvas = self._put(block_inputs(self.cfg, o, n, bucket)[0])
+      program = self._program(o, bucket)
       admit = np.zeros((n,), bool)
       rows, seeds, temps = [[] for _ in range(n)], np.zeros((n,), np.uint32), np.zeros((n,), np.float32)
       limits = np.zeros((n,), np.int32)
-      for s in range(n):
-        if live[s] is not None:
-          continue
-        # Backfill from smaller buckets only while this bucket's own requests keep the pool busy.
-        source = own if own else next((q for q in smaller if q), None) if own_live else None
-        if not source:
-          continue
+      for s in free:
+        source = next((q for q in fits if q), None)
+        if source is None:
+          break
         req = source.popleft()
-        own_live += source is own
         live[s] = _Live(req, self._limit_blocks(req.options, len(req.prompt_ids)))
         admit[s] = True
         rows[s] = req.prompt_ids
@@ -362,7 +400,6 @@ class Engine:
         x.steps = calls_B[s]
         done = self._finish(x)
         if done is not None:
-          own_live -= self.bucket_of(len(x.request.prompt_ids)) == bucket
           live[s] = None
           self.stats.requests += 1
           self.stats.output_tokens += len(done.token_ids)

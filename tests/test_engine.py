@@ -54,6 +54,21 @@ def test_each_request_equals_sample_alone(mode):
   assert eng.stats.blocks > MODES[mode].num_blocks
 
 
+@pytest.mark.parametrize('mode', ['fixed', 'threshold_dual'])
+def test_a_pool_widened_with_rows_live_keeps_their_tokens(mode):
+  """A (3 tokens, several blocks) and B (3 tokens, one token wanted) start at bucket 8;
+  when B leaves, the pool widens to 32 for C (19 tokens) while A is half done."""
+  params = make_params(LLADA)
+  a, b, c = requests(MODES[mode], 3, lengths=(3, 3, 19))
+  b = engine.Request(b.id, b.prompt_ids, b.options, max_new_tokens=1, seed=b.seed)
+  eng = engine.Engine(LLADA, params, slots=2, buckets=(8, 32))
+  got = {x.id: x for x in eng.generate([a, b, c])}
+  assert eng.stats.widenings == 1
+  assert got[b.id].token_ids == alone(params, b)[:1]
+  for r in (a, c):
+    assert got[r.id].token_ids == alone(params, r), r.id
+
+
 def test_end_think_boost_with_per_request_limits_equals_sample_alone():
   """max_len 64, blocks of 8: a 19-token prompt may generate 40 tokens, a 13-token one 48,
   and the boost's progress is measured against each request's own limit."""
