@@ -112,3 +112,16 @@ def check_ids(options, vocab_size: int) -> None:
   if bad:
     raise ValueError(f'SamplingOptions.end_think: ids {bad} outside [0, {vocab_size})')
 
+
+
+def answer(text: str, marker: str | tuple[int, ...], tokenizer) -> str:
+  """The part of a completion after the first end-of-thinking marker (iLLaDA-Instruct
+  writes its reasoning, the marker, then the answer); `text` itself if the marker never
+  appears (the reasoning ran to the length limit). Leading whitespace is dropped.
+
+  `marker` is text, or token ids decoded with `tokenizer`.
+  """
+  if not isinstance(marker, str):
+    marker = tokenizer.decode(list(marker)).strip()
+  head, found, tail = text.partition(marker)
+  return tail.lstrip() if found else text

@@ -73,10 +73,12 @@ class Request:
 
 @dataclasses.dataclass
 class Completion:
-  """A finished request: `text` is cut at EOS/EOT, `max_new_tokens` and the first stop string.
+  """A finished request: `text` is cut at EOS/EOT, `max_new_tokens` and the first stop string
+  (then, with `options.after_think`, reduced to what follows the end-of-thinking marker).
 
   finish_reason: 'eos' (EOS/EOT), 'stop' (a stop string), 'length' (max new
-  tokens or the generation limit). token_ids: the ids behind `text`.
+  tokens or the generation limit). token_ids: the ids behind `text` (before
+  `after_think`: the whole completion).
   generated: positions the sampler denoised for this request (whole blocks).
   steps: model calls in which the request had masked positions.
   """
@@ -279,6 +281,8 @@ class Engine:
                        'or sample() for fixed-length prefix caching')
     if request.stop and self.tokenizer is None:
       raise ValueError('stop strings need a tokenizer')
+    if o.after_think and self.tokenizer is None:
+      raise ValueError('SamplingOptions.after_think needs a tokenizer')
 
   def _program(self, o: SamplingOptions, bucket: int):
     key = (o.program_key(), bucket)
@@ -428,6 +432,8 @@ class Engine:
       return None
     if text is None:
       text = self._decode(ids)
+    if req.options.after_think:
+      text = end_think.answer(text, req.options.end_think, self.tokenizer)
     return Completion(id=req.id, text=text, token_ids=list(ids), finish_reason=reason,
                       generated=len(gen), steps=x.steps)
 

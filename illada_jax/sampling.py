@@ -88,6 +88,9 @@ class SamplingOptions:
       0., 'end-of-thinking logit boost b: the next marker token at the first masked position '
       'gets + b * progress ** power (0: off; SPEC §2)')
   end_think_power: float = _option(2., 'exponent of the generation progress in the boost')
+  after_think: bool = _option(
+      False, 'return only the text after the first end-of-thinking marker (the whole text '
+      'when the marker never appears); stop strings still apply to the whole text')
 
   def __post_init__(self):
     put = functools.partial(object.__setattr__, self)
@@ -127,6 +130,8 @@ class SamplingOptions:
     need(self.end_think_power > 0, 'end_think_power', f'must be > 0, got {self.end_think_power}')
     need(self.end_think_boost == 0 or bool(self.end_think), 'end_think',
          'the boost needs a marker (text or token ids)')
+    need(not self.after_think or bool(self.end_think), 'end_think',
+         'after_think needs a marker (text or token ids)')
 
   @property
   def num_blocks(self) -> int:
@@ -142,8 +147,8 @@ class SamplingOptions:
 
   def program_key(self) -> 'SamplingOptions':
     """The options that select a compiled program: the temperature is data, only T > 0 is not;
-    the marker and power matter only with the boost on."""
-    key = dataclasses.replace(self, temperature=float(self.stochastic))
+    the marker and power matter only with the boost on; `after_think` is text handling."""
+    key = dataclasses.replace(self, temperature=float(self.stochastic), after_think=False)
     if self.end_think_boost == 0:
       key = dataclasses.replace(key, end_think=None, end_think_power=2.)
     return key

@@ -251,3 +251,15 @@ def test_stop_strings_are_found_in_the_text_not_by_standalone_ids(tmp_path):
   assert done.text == c.text[:c.text.index(stop)]
   assert tok.decode(done.token_ids).startswith(done.text)
   assert done.generated <= c.generated
+  # after_think: only the text after the first marker (a word the model wrote), the whole
+  # text where it never appears; the ids stay those of the whole completion.
+  marker = stop.split()[0]
+  think = o.replace(after_think=True, end_think=marker)
+  got = {d.id: d for d in eng.generate([engine.Request(r.id, r.prompt_ids, think, seed=r.seed)
+                                         for r in reqs])}
+  assert eng.stats.compiles == 1  # text handling, not a new program
+  for i, d in got.items():
+    whole = free[i].text
+    assert d.text == (whole.split(marker, 1)[1].lstrip() if marker in whole else whole)
+    assert d.token_ids == free[i].token_ids
+  assert got[c.id].text != free[c.id].text

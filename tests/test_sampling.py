@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import illada_jax
-from illada_jax import sampling
+from illada_jax import end_think, sampling
 from illada_jax.model import KVCache
 
 from helpers import ILLADA, LLADA, make_params, padded_prompts
@@ -385,3 +385,16 @@ def test_gumbel_candidates_follow_softmax_of_logits_over_temperature():
   freq = np.bincount(x0, minlength=90)[:6] / x0.size
   assert not np.any(x0 == LLADA.eos_token_id)  # logits_eos_inf
   np.testing.assert_allclose(freq, want, atol=0.015)
+
+
+def test_answer_after_the_end_of_thinking_marker():
+  class Tok:
+    def decode(self, ids):
+      return ''.join({7: ' </', 8: 'think>'}[i] for i in ids)
+  text = 'so 2+2 is 4 </think> The answer is 4. </think> again'
+  assert end_think.answer(text, '</think>', None) == 'The answer is 4. </think> again'
+  assert end_think.answer(text, (7, 8), Tok()) == 'The answer is 4. </think> again'
+  assert end_think.answer('still thinking', '</think>', None) == 'still thinking'
+  with pytest.raises(ValueError, match='after_think needs a marker'):
+    sampling.SamplingOptions(after_think=True, end_think=None)
+  assert sampling.SamplingOptions(after_think=True).program_key() == sampling.SamplingOptions().program_key()
