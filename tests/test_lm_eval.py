@@ -111,3 +111,125 @@ def test_presets_and_end_think_text_reach_generation(ckpt):
   assert 'w1 w2' in text  # the boost wrote the marker
   with pytest.raises(ValueError, match='unknown model args'):
     make(path, 'end_think_bost=3')
+
+
+def _lm_eval_cli(tmp_path, model_args, tasks):
+  """lm-eval's own command line (`python -m illada_jax.lm_eval_adapter` registers the model):
+  `(results, {task: [sample records in doc order]})`."""
+  import glob
+  import json
+  import os
+  import subprocess
+  import sys
+  out = tmp_path / f'out_{len(list(tmp_path.glob("out_*")))}'
+  env = dict(os.environ, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='0')
+  cmd = [sys.executable, '-m', 'illada_jax.lm_eval_adapter', '--model', 'illada_jax',
+         '--model_args', model_args, '--include_path', str(tmp_path / 'tasks'), '--tasks',
+         ','.join(tasks), '--batch_size', '4', '--output_path', str(out), '--log_samples']
+  run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  [results] = glob.glob(str(out / '**' / 'results_*.json'), recursive=True)
+  samples = {}
+  for task in tasks:
+    [path] = glob.glob(str(out / '**' / f'samples_{task}_*.jsonl'), recursive=True)
+    rows = [json.loads(line) for line in open(path)]
+    samples[task] = sorted(rows, key=lambda r: r['doc_id'])
+  return json.load(open(results))['results'], samples
+
+
+def _write_task(tmp_path, name, docs, body):
+  import json
+  d = tmp_path / 'tasks'
+  d.mkdir(exist_ok=True)
+  data = d / f'{name}.jsonl'
+  data.write_text(''.join(json.dumps(x) + '\n' for x in docs))
+  (d / f'{name}.yaml').write_text(
+      f'task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n'
+      f'test_split: test\n{body}')
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_reports_what_the_library_computes(ckpt, tmp_path):
+  """A multiple-choice task (confidence and MC), a generate_until task and a
+  loglikelihood_rolling task through lm-eval's CLI: its metrics and per-sample values
+  equal the library's on the same inputs."""
+  import math
+  path, params = ckpt
+  tok, fmt = prompts.load_tokenizer(path), prompts.PromptFormat.from_checkpoint(path)
+  seed = lm_eval_adapter.content_seed
+  # Multiple choice: labels are the library's argmax for docs 0 and 1 and not for doc 2,
+  # so accuracy is 2/3 only if lm-eval ranks the choices as the library does.
+  mc_docs = [{'context': 'w1 w2 w3', 'choices': ['w4', 'w5 w6', 'w7']},
+             {'context': 'w8', 'choices': ['w9 w9', 'w10']},
+             {'context': 'w11 w12', 'choices': ['w13', 'w14', 'w15 w16']}]
+  conf = scoring.ScoringOptions(method='confidence', add_bos=fmt.add_bos)
+  mc = scoring.ScoringOptions(method='mc', mc_num=4, mc_batch=2, add_bos=fmt.add_bos)
+
+  def library_scores(o, doc):
+    pairs = [prompts.encode_pair(tok, doc['context'], ' ' + c) for c in doc['choices']]
+    rows = dict(add_bos=o.add_bos, padd_eos=o.padd_eos)
+    if o.method == 'confidence':
+      return list(scoring.confidence_score(CFG, params, pairs, **rows))
+    return list(scoring.mc_log_likelihood(
+        CFG, params, pairs, mc_num=o.mc_num, batch_size=o.mc_batch,
+        seeds=[seed(0, doc['context'], ' ' + c) for c in doc['choices']], **rows))
+
+  by_conf = [library_scores(conf, d) for d in mc_docs]
+  labels = [int(np.argmax(by_conf[0])), int(np.argmax(by_conf[1])),
+            (int(np.argmax(by_conf[2])) + 1) % 3]
+  _write_task(tmp_path, 'ill_mc', [dict(d, label=l) for d, l in zip(mc_docs, labels)],
+              'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+              'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+              'metric_list:\n  - metric: acc\n')
+  # generate_until with the task's own `until` and `max_gen_toks`; the first two targets are
+  # the library's completions, the third is not.
+  o = sampling.SamplingOptions(gen_length=8, block_length=4, steps=8)
+  until, max_toks = ['w20'], 6
+  gen_ctx = ['w1 w2', 'w3 w4 w5', 'w6']
+
+  def library_text(context):
+    ids = fmt.encode(tok, CFG, context)
+    out = sampling.sample(CFG, params, np.asarray([ids]), options=o,
+                          seeds=[seed(0, context)])
+    gen = prompts.completion_ids(CFG, np.asarray(out.tokens)[0, len(ids):])[:max_toks]
+    return prompts.cut_at_stops(tok.decode(gen), until)
+
+  texts = [library_text(c) for c in gen_ctx]
+  targets = texts[:2] + [texts[2] + ' w0']
+  _write_task(tmp_path, 'ill_gen', [{'context': c, 'target': t} for c, t in
+                                    zip(gen_ctx, targets)],
+              'output_type: generate_until\ndoc_to_text: "{{context}}"\n'
+              'doc_to_target: "{{target}}"\ngeneration_kwargs:\n'
+              f'  until: {until}\n  max_gen_toks: {max_toks}\n'
+              'metric_list:\n  - metric: exact_match\n')
+  # Perplexity: windows of 8 tokens, a text of 19 words spans three.
+  ppl_docs = [' '.join(f'w{i % 50}' for i in range(3, 22)), 'w1 w2 w3']
+  _write_task(tmp_path, 'ill_ppl', [{'text': t} for t in ppl_docs],
+              'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+              'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n')
+  roll = mc.replace(rolling_window=8)
+  ll = scoring.rolling_log_likelihood(CFG, params, [tok.encode(t) for t in ppl_docs], roll,
+                                      seeds=[seed(0, t) for t in ppl_docs])
+
+  common = 'gen_length=8,block_length=4,steps=8,mc_num=4,mc_batch=2,rolling_window=8'
+  results, samples = _lm_eval_cli(tmp_path, f'ckpt={path},method=confidence,{common}',
+                                  ['ill_mc', 'ill_gen', 'ill_ppl'])
+  got = [[float(r[0]) for r in s['resps'] for r in r] for s in samples['ill_mc']]
+  np.testing.assert_allclose(np.concatenate(got), np.concatenate(by_conf), rtol=1e-5)
+  assert results['ill_mc']['acc,none'] == pytest.approx(2 / 3)
+  gen = [s['resps'][0][0] for s in samples['ill_gen']]
+  assert [s['arguments']['gen_args_0']['arg_0'] for s in samples['ill_gen']] == gen_ctx
+  assert gen == texts
+  assert results['ill_gen']['exact_match,none'] == pytest.approx(2 / 3)
+  got = [float(s['resps'][0][0]) for s in samples['ill_ppl']]
+  np.testing.assert_allclose(got, ll, rtol=1e-5)
+  words = sum(len(t.split()) for t in ppl_docs)
+  assert results['ill_ppl']['word_perplexity,none'] == pytest.approx(
+      math.exp(-sum(ll) / words), rel=1e-5)
+
+  by_mc = [library_scores(mc, d) for d in mc_docs]
+  results, samples = _lm_eval_cli(tmp_path, f'ckpt={path},method=mc,{common}', ['ill_mc'])
+  got = [[float(r[0]) for r in s['resps'] for r in r] for s in samples['ill_mc']]
+  np.testing.assert_allclose(np.concatenate(got), np.concatenate(by_mc), rtol=1e-5)
+  acc = np.mean([int(np.argmax(s)) == l for s, l in zip(by_mc, labels)])
+  assert results['ill_mc']['acc,none'] == pytest.approx(acc)
