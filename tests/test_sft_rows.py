@@ -193,6 +193,27 @@ def test_bad_records_are_named_by_file_and_line(tmp_path, line, message):
   assert f'{path}:3' in str(e.value) and message in str(e.value)
 
 
+def test_bad_arrayrecord_and_parquet_records_are_named_by_file_and_index(tmp_path):
+  from array_record.python import array_record_module as arm
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  tok = _llada_tok(tmp_path)
+  good, bad = {'messages': CHAT[1:3]}, {'messages': CHAT[1:2]}
+  files = [str(tmp_path / f'{k}.arrayrecord') for k in 'ab']
+  for file, records in zip(files, ([good, good], [good, bad])):
+    w = arm.ArrayRecordWriter(file, 'group_size:1')
+    for r in records:
+      w.write(json.dumps(r).encode())
+    w.close()
+  cfg = data.DataConfig(paths=tuple(files), tokenizer=tok)
+  with pytest.raises(ValueError, match=f'{files[1]} record 1: the conversation has no assistant'):
+    data.sft_counts(cfg, seq_len=48)
+  parquet = str(tmp_path / 'c.parquet')
+  pq.write_table(pa.Table.from_pylist([good, good, bad]), parquet)
+  with pytest.raises(ValueError, match=f'{parquet} row 2: the conversation has no assistant'):
+    data.sft_counts(data.DataConfig(paths=(parquet,), tokenizer=tok), seq_len=48)
+
+
 def test_a_template_that_rewrites_the_history_is_refused(tmp_path):
   """If the turn's text does not follow its prompt's text, no reply can be split off."""
   template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
