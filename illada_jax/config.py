@@ -186,7 +186,14 @@ class DataConfig:
   text_key: str = 'text'  # pretrain field
   prompt_key: str = 'prompt'  # sft fields
   response_key: str = 'response'
-  add_bos: bool = True  # BOS at the start of every document / SFT row
+  messages_key: str = 'messages'  # chat sft field: [{"role", "content"}, ...] (sft_rows)
+  # Jinja chat template for `messages`: a file, or a directory / JSON file whose
+  # `chat_template` key holds it; '' = tokenizer_config.json beside `tokenizer`,
+  # else the LLaDA format (SPEC §5). The sampler's `--chat` renders the same way.
+  chat_template: str = ''
+  chat_turns: str = 'all'  # 'all': a row per assistant turn (history as prompt); 'last'
+  chat_overlong: str = 'truncate'  # chat row > seq_len: cut the prompt from the left, or 'drop'
+  add_bos: bool = True  # BOS at the start of every document / pair SFT row (chat: the template's)
   shuffle: bool = True
   worker_count: int = 0  # Grain worker processes (multiprocess prefetch); 0 = in-process
   prefetch_buffer: int = 4

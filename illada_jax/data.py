@@ -11,9 +11,10 @@ Rows:
   pretrain: tokens `[L]` int32 — documents joined with EOS and cut into rows
             of L (Grain's concat-then-split packing).
   sft:      tokens `[L]` = `[BOS? prompt | response | EOS ... EOS]` and
-            response_mask `[L]` (1 on the response and its EOS padding). A
-            pair longer than L loses the end of its response (at least one EOS
-            is kept).
+            response_mask `[L]` (1 on the response and its EOS padding), from
+            `prompt`/`response` pairs or `messages` chats (one row per
+            assistant turn, rendered with the chat template; rules and
+            over-length handling in `illada_jax.sft_rows`).
 Batches are dicts of numpy arrays with a leading process-local batch axis.
 """
 
@@ -28,8 +29,10 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from illada_jax import text_tokenizer
+from illada_jax import sft_rows, text_tokenizer
 from illada_jax.config import DataConfig  # noqa: F401  (re-exported: `data.DataConfig`)
+from illada_jax.prompts import TOKENIZER_CONFIG, PromptFormat
+from illada_jax.sft_rows import SftCounts, sft_row  # noqa: F401  (re-exported)
 
 
 # -- sources ----------------------------------------------------------------------
@@ -52,26 +55,43 @@ def _format_of(path: str, fmt: str) -> str:
           'array_record': 'arrayrecord', 'txt': 'text', 'text': 'text'}.get(ext, 'text')
 
 
-def _read_records(path: str, fmt: str) -> list[Any]:
-  """In-memory records of one JSONL / Parquet / text file (dicts or strings)."""
+def _read_records(path: str, fmt: str) -> list[tuple[str, Any]]:
+  """In-memory `(where, record)` of one JSONL / Parquet / text file (dicts or strings).
+
+  `where` names the file and line (JSONL), row (Parquet) or document (text).
+  Raises ValueError naming the line of invalid JSON.
+  """
   if fmt == 'jsonl':
-    with open(path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    out = []
+    with open(path, encoding='utf-8') as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            out.append((f'{path}:{n}', json.loads(line)))
+          except json.JSONDecodeError as e:
+            raise ValueError(f'{path}:{n}: not valid JSON ({e})') from None
+    return out
   if fmt == 'parquet':
     import pyarrow.parquet as pq
-    return pq.read_table(path).to_pylist()
+    return [(f'{path} row {i}', r) for i, r in enumerate(pq.read_table(path).to_pylist())]
   if fmt == 'text':
     with open(path, encoding='utf-8') as f:
       docs = f.read().split('\n\n')
-    return [d.strip('\n') for d in docs if d.strip()]
+    docs = [d.strip('\n') for d in docs if d.strip()]
+    return [(f'{path} document {i}', d) for i, d in enumerate(docs)]
   raise ValueError(f'data: unknown format {fmt!r} for {path}')
 
 
 class _ArrayRecordRecords:
-  """ArrayRecord files as a random-access source of decoded records."""
+  """ArrayRecord files as a random-access source of decoded records (or `(where, record)`)."""
 
-  def __init__(self, files):
+  def __init__(self, files, located: bool = False):
     self._src = grain.sources.ArrayRecordDataSource(files)
+    self._files, self._located = list(files), located
+    self._starts = None
+    if located:  # record i's file, for error messages
+      sizes = [len(grain.sources.ArrayRecordDataSource([f])) for f in files]
+      self._starts = np.cumsum([0] + sizes[:-1])
 
   def __len__(self):
     return len(self._src)
@@ -80,17 +100,26 @@ class _ArrayRecordRecords:
     raw = self._src[i]
     text = raw.decode('utf-8') if isinstance(raw, bytes) else raw
     try:
-      return json.loads(text)
+      record = json.loads(text)
     except json.JSONDecodeError:
-      return text
+      record = text
+    if not self._located:
+      return record
+    k = int(np.searchsorted(self._starts, i, side='right')) - 1
+    return (f'{self._files[k]} record {i - int(self._starts[k])}', record)
 
 
-def record_source(paths: Sequence[str], fmt: str = 'auto') -> grain.MapDataset:
-  """A MapDataset of the records (dicts or strings) of all `paths`."""
+def record_source(paths: Sequence[str], fmt: str = 'auto', located: bool = False
+                  ) -> grain.MapDataset:
+  """A MapDataset of the records (dicts or strings) of all `paths`.
+
+  With `located`, each element is `(where, record)`, `where` naming the file
+  and line / row / record for error messages.
+  """
   files = _expand(paths)
   fmts = {_format_of(f, fmt) for f in files}
   if fmts == {'arrayrecord'}:
-    return grain.MapDataset.source(_ArrayRecordRecords(files))
+    return grain.MapDataset.source(_ArrayRecordRecords(files, located))
   if 'arrayrecord' in fmts:
     raise ValueError('data: ArrayRecord files cannot be mixed with other formats')
   records = []
@@ -98,7 +127,7 @@ def record_source(paths: Sequence[str], fmt: str = 'auto') -> grain.MapDataset:
     records.extend(_read_records(f, _format_of(f, fmt)))
   if not records:
     raise ValueError(f'data: no records in {files}')
-  return grain.MapDataset.source(records)
+  return grain.MapDataset.source(records if located else [r for _, r in records])
 
 
 # -- tokenisation and rows -----------------------------------------------------------
@@ -121,30 +150,64 @@ class _TokenizeDoc(grain.transforms.Map):
     return {'tokens': np.asarray(bos + ids + [self.tok.eos_id], np.int32)}
 
 
-def sft_row(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int, eos_id: int,
-            bos_id: int | None = None) -> dict[str, np.ndarray]:
-  """`[BOS? prompt | response | EOS...]` of length L and its response mask."""
-  prompt = ([bos_id] if bos_id is not None else []) + list(prompt_ids)
-  if len(prompt) >= seq_len:
-    raise ValueError(f'SFT prompt of {len(prompt)} tokens does not fit seq_len={seq_len}')
-  response = list(response_ids)[:seq_len - len(prompt) - 1] + [eos_id]
-  tokens = prompt + response
-  tokens += [eos_id] * (seq_len - len(tokens))
-  mask = np.zeros(seq_len, np.int32)
-  mask[len(prompt):] = 1
-  return {'tokens': np.asarray(tokens, np.int32), 'response_mask': mask}
+def prompt_format(cfg: DataConfig) -> PromptFormat:
+  """The prompt convention of SFT rows: `cfg.add_bos` and the chat template (`cfg.chat_template`).
+
+  Raises FileNotFoundError / ValueError naming the file if `cfg.chat_template`
+  is given and holds no template.
+  """
+  src = cfg.chat_template
+  if not src:
+    tok = os.path.abspath(cfg.tokenizer)
+    where = tok if os.path.isdir(tok) else os.path.dirname(tok)
+    template = PromptFormat.from_checkpoint(where).chat_template if cfg.tokenizer else None
+    return PromptFormat(add_bos=cfg.add_bos, chat_template=template)
+  if not os.path.exists(src):
+    raise FileNotFoundError(f'data.chat_template: {src} does not exist')
+  if os.path.isdir(src) or src.endswith('.json'):
+    path = os.path.join(src, TOKENIZER_CONFIG) if os.path.isdir(src) else src
+    template = PromptFormat.from_checkpoint(os.path.dirname(path)).chat_template if (
+        os.path.basename(path) == TOKENIZER_CONFIG) else _json_template(path)
+    if template is None:
+      raise ValueError(f'data.chat_template: {path} has no "chat_template" string')
+  else:
+    with open(src, encoding='utf-8') as f:
+      template = f.read()
+  return PromptFormat(add_bos=cfg.add_bos, chat_template=template)
 
 
-class _SftRow(grain.transforms.Map):
+def _json_template(path: str) -> str | None:
+  with open(path, encoding='utf-8') as f:
+    try:
+      conf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
+  t = conf.get('chat_template') if isinstance(conf, dict) else None
+  return t if isinstance(t, str) else None
 
-  def __init__(self, tok, cfg: DataConfig, seq_len: int):
-    self.tok, self.cfg, self.seq_len = tok, cfg, seq_len
 
-  def map(self, record):
-    tok = self.tok
-    return sft_row(tok.encode(_field(record, self.cfg.prompt_key)),
-                   tok.encode(_field(record, self.cfg.response_key)), self.seq_len,
-                   tok.eos_id, tok.bos_id if self.cfg.add_bos else None)
+def _sft_rows(tok, cfg: DataConfig, seq_len: int, model, counts=None) -> sft_rows.SftRows:
+  # BOS as the sampler puts it (the model's id when known), EOS padding as pair rows have it.
+  bos_id = model.bos_token_id if model is not None else tok.bos_id
+  return sft_rows.SftRows(
+      tok, prompt_format(cfg), seq_len=seq_len, bos_id=bos_id, eos_id=tok.eos_id,
+      add_bos=cfg.add_bos, prompt_key=cfg.prompt_key, response_key=cfg.response_key,
+      messages_key=cfg.messages_key, turns=cfg.chat_turns, overlong=cfg.chat_overlong,
+      counts=counts)
+
+
+def sft_counts(cfg: DataConfig, *, seq_len: int, paths: Sequence[str] | None = None,
+               model=None) -> SftCounts:
+  """What the SFT row rules do to every record of `paths` (default `cfg.paths`), once.
+
+  A dry run: rows are built and counted (truncated, dropped, ...), not kept.
+  Raises ValueError naming the file and line of a bad record.
+  """
+  tok = text_tokenizer.load(cfg.tokenizer)
+  rows = _sft_rows(tok, cfg, seq_len, model)
+  for element in record_source(paths or cfg.paths, cfg.format, located=True):
+    rows.flat_map(element)
+  return rows.counts
 
 
 class _KeepTokens(grain.transforms.Map):
@@ -164,15 +227,18 @@ def _check_tokenizer(tok, model):
 
 def make_dataset(cfg: DataConfig, *, batch_size: int, seq_len: int, objective: str, seed: int,
                  paths: Sequence[str] | None = None, process_index: int | None = None,
-                 process_count: int | None = None, model=None, repeat: bool = True
-                 ) -> grain.IterDataset:
-  """The batched IterDataset of one process (see the module docstring)."""
+                 process_count: int | None = None, model=None, repeat: bool = True,
+                 counts: SftCounts | None = None) -> grain.IterDataset:
+  """The batched IterDataset of one process (see the module docstring).
+
+  `counts`: SFT tallies to add to (in this process; Grain workers keep their own).
+  """
   import jax
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   tok = text_tokenizer.load(cfg.tokenizer)
   _check_tokenizer(tok, model)
-  ds = record_source(paths or cfg.paths, cfg.format)
+  ds = record_source(paths or cfg.paths, cfg.format, located=objective == 'sft')
   ds = ds[pi::pc]
   if cfg.shuffle:
     ds = ds.shuffle(seed=seed)
@@ -183,7 +249,10 @@ def make_dataset(cfg: DataConfig, *, batch_size: int, seq_len: int, objective: s
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len})
     ds = ds.map(_KeepTokens())
   elif objective == 'sft':
-    ds = ds.map(_SftRow(tok, cfg, seq_len)).to_iter_dataset()
+    # One record -> 0..n rows (a row per assistant turn, drops); the flat map's
+    # state is the record's and the row's index in it, so resuming stays exact.
+    ds = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(),
+                                               _sft_rows(tok, cfg, seq_len, model, counts))
   else:
     raise ValueError(f'objective={objective!r}; use pretrain or sft')
   ds = ds.batch(batch_size, drop_remainder=True)
@@ -227,8 +296,13 @@ def ensure_tokenizer(cfg: DataConfig) -> None:
   if jax.process_index() == 0:
     texts = []
     for r in record_source(cfg.paths, cfg.format):
-      t = _field(r, cfg.text_key) if isinstance(r, str) or cfg.text_key in r else (
-          _field(r, cfg.prompt_key) + _field(r, cfg.response_key))
+      if isinstance(r, dict) and isinstance(r.get(cfg.messages_key), list):
+        t = '\n'.join(str(m.get('content', '')) for m in r[cfg.messages_key]
+                      if isinstance(m, dict))
+      elif isinstance(r, str) or cfg.text_key in r:
+        t = _field(r, cfg.text_key)
+      else:
+        t = _field(r, cfg.prompt_key) + _field(r, cfg.response_key)
       texts.extend(line for line in t.split('\n') if line.strip())
     text_tokenizer.train_sentencepiece(texts, cfg.tokenizer[:-len('.model')],
                                        vocab_size=cfg.train_tokenizer_vocab)

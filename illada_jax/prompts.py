@@ -12,6 +12,7 @@ then the assistant header.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -101,28 +102,68 @@ class PromptFormat:
         ids = [cfg.bos_token_id] + ids  # (text already rendered with BOS keeps one)
       return ids
     messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else prompt
+    return self.chat_ids(tok, cfg.bos_token_id, messages)
+
+  def render_chat(self, tok, bos_id: int | None, messages: Sequence[dict], *,
+                  add_generation_prompt: bool = True) -> tuple[list[int], str]:
+    """(ids before the text, text) of `messages` in this format; ids + encode(text) is the input.
+
+    With a template, BOS is the template's (its `bos_token`, as text) and the
+    ids are empty; the LLaDA format puts the BOS id first instead (a
+    SentencePiece BOS has no text that encodes to it).
+    """
     if self.chat_template:
       bos_text = ''
-      if 'bos_token' in self.chat_template and cfg.bos_token_id is not None:
-        bos_text = tok.id_to_piece(cfg.bos_token_id)
-      return tok.encode(chat_text(messages, bos_text, self.chat_template))
-    bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
-    return bos + tok.encode(chat_text(messages))
+      if 'bos_token' in self.chat_template and bos_id is not None:
+        bos_text = tok.id_to_piece(bos_id)
+      return [], chat_text(messages, bos_text, self.chat_template, add_generation_prompt)
+    bos = [] if bos_id is None else [bos_id]
+    return bos, chat_text(messages, add_generation_prompt=add_generation_prompt)
+
+  def chat_ids(self, tok, bos_id: int | None, messages: Sequence[dict]) -> list[int]:
+    """Token ids of the chat prompt of `messages`, ending in the assistant header.
+
+    The one rendering shared by the sampler's `--chat` and chat SFT rows
+    (`illada_jax.chat_data`), so a model is prompted as it was trained.
+    """
+    ids, text = self.render_chat(tok, bos_id, messages)
+    return ids + tok.encode(text)
 
 
-def chat_text(messages: Sequence[dict], bos_text: str = '', template: str | None = None) -> str:
-  """The prompt text of `messages` (dicts with `role`, `content`), ending in the assistant header."""
+def chat_text(messages: Sequence[dict], bos_text: str = '', template: str | None = None,
+              add_generation_prompt: bool = True) -> str:
+  """The text of `messages` (dicts with `role`, `content`).
+
+  With `add_generation_prompt` it ends in the assistant header (a prompt);
+  without, it ends after the last message (a finished conversation).
+  """
   if template:
-    import jinja2
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=list(messages), bos_token=bos_text,
-                                            add_generation_prompt=True)
+    return _jinja(template).render(messages=list(messages), bos_token=bos_text,
+                                   add_generation_prompt=add_generation_prompt)
   parts = [bos_text]
   for m in messages:
     parts.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
                  f"{m['content'].strip()}<|eot_id|>")
-  parts.append('<|start_header_id|>assistant<|end_header_id|>\n\n')
+  if add_generation_prompt:
+    parts.append('<|start_header_id|>assistant<|end_header_id|>\n\n')
   return ''.join(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _jinja(template: str):
+  """The compiled template (compiled once: SFT renders it for every row).
+
+  The environment is Hugging Face's for chat templates (trimmed blocks, and
+  `raise_exception`, which many templates call on a conversation they refuse).
+  """
+  import jinja2
+  env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+  env.globals['raise_exception'] = _raise_template_error
+  return env.from_string(template)
+
+
+def _raise_template_error(message):
+  raise ValueError(f'chat template: {message}')
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:

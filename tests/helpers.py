@@ -351,3 +351,24 @@ def write_jsonl(path, records) -> str:
 def read_jsonl(path) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f]
+
+
+def word_tokenizer(path, specials, words, added=(), tokenizer_config=None) -> str:
+  """A whitespace word-level `tokenizer.json` in directory `path`; returns `path`.
+
+  Ids: `specials` (special tokens) first, then `added` (plain added tokens,
+  matched before pre-tokenisation, e.g. '\\n\\n'), then `words`, in order.
+  `tokenizer_config`: a dict written to tokenizer_config.json beside it.
+  """
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  os.makedirs(path, exist_ok=True)
+  vocab = {t: i for i, t in enumerate([*specials, *added, *words])}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>' if '<unk>' in vocab else None))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.add_special_tokens(list(specials))
+  tok.add_tokens(list(added))
+  tok.save(os.path.join(path, 'tokenizer.json'))
+  if tokenizer_config is not None:
+    with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+      json.dump(tokenizer_config, f)
+  return str(path)
