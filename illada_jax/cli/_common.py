@@ -78,3 +78,20 @@ def barrier(name: str):
   from jax.experimental import multihost_utils
   counter = iter(range(1 << 30))
   return lambda: multihost_utils.sync_global_devices(f'{name}-{next(counter)}')
+
+
+def open_engine(args: argparse.Namespace, prog: str):
+  """`(engine, tokenizer, prompt format)` from `--ckpt`, `--tokenizer`, `--mesh`, `--slots`,
+  `--buckets`; None (after saying why on stderr) when several processes have no `--out`."""
+  import sys
+  import jax
+  import illada_jax
+  from illada_jax import engine, prompts
+  if jax.process_count() > 1 and not args.out:
+    print(f'{prog}: several processes need --out', file=sys.stderr)
+    return None
+  cfg, params = illada_jax.load_checkpoint(args.ckpt, mesh=local_mesh(args.mesh))
+  tok = prompts.load_tokenizer(args.ckpt, args.tokenizer)
+  fmt = prompts.PromptFormat.from_checkpoint(args.ckpt)
+  buckets = [int(b) for b in args.buckets.split(',')] if args.buckets else None
+  return engine.Engine(cfg, params, tokenizer=tok, slots=args.slots, buckets=buckets), tok, fmt

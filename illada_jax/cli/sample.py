@@ -23,7 +23,6 @@ model on its own devices (`--mesh` applies to them) and takes every N-th record.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -92,18 +91,13 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   _common.init_distributed(args)
   import jax
-  import illada_jax
-  from illada_jax import engine, jobs, prompts, sampling
+  from illada_jax import jobs, prompts, sampling
   from illada_jax.configs.sampling import PRESETS
   options = _common.options_from(args, sampling.SamplingOptions, PRESETS)
-  if jax.process_count() > 1 and not args.out:
-    print('illada-sample: several processes need --out', file=sys.stderr)
+  opened = _common.open_engine(args, 'illada-sample')
+  if opened is None:
     return 2
-  cfg, params = illada_jax.load_checkpoint(args.ckpt, mesh=_common.local_mesh(args.mesh))
-  tok = prompts.load_tokenizer(args.ckpt, args.tokenizer)
-  fmt = prompts.PromptFormat.from_checkpoint(args.ckpt)
-  buckets = [int(b) for b in args.buckets.split(',')] if args.buckets else None
-  eng = engine.Engine(cfg, params, tokenizer=tok, slots=args.slots, buckets=buckets)
+  eng, tok, fmt = opened
   if args.prompts:
     records = jobs.read_records(args.prompts)
   else:
@@ -124,9 +118,9 @@ def main(argv=None) -> int:
       with open(out, encoding='utf-8') as f:
         sys.stdout.write(f.read())
   if args.show_denoising and args.prompt:
-    rows = [fmt.encode(tok, cfg, p, chat=args.chat) for p in args.prompt]
-    ids, mask = prompts.left_pad(rows, cfg.pad_token_id)
-    out = sampling.sample(cfg, params, ids, mask, eng.options_for(options))
+    rows = [fmt.encode(tok, eng.cfg, p, chat=args.chat) for p in args.prompt]
+    ids, mask = prompts.left_pad(rows, eng.cfg.pad_token_id)
+    out = sampling.sample(eng.cfg, eng.params, ids, mask, eng.options_for(options))
     show_denoising(tok, out, ids.shape[1], [p[:40] for p in args.prompt])
   return 0
 

@@ -64,18 +64,13 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   _common.init_distributed(args)
   import jax
-  import illada_jax
-  from illada_jax import engine, jobs, prompts, scoring
+  from illada_jax import jobs, scoring
   from illada_jax.configs.scoring import PRESETS
   options = _common.options_from(args, scoring.ScoringOptions, PRESETS)
-  if jax.process_count() > 1 and not args.out:
-    print('illada-score: several processes need --out', file=sys.stderr)
+  opened = _common.open_engine(args, 'illada-score')
+  if opened is None:
     return 2
-  cfg, params = illada_jax.load_checkpoint(args.ckpt, mesh=_common.local_mesh(args.mesh))
-  tok = prompts.load_tokenizer(args.ckpt, args.tokenizer)
-  fmt = prompts.PromptFormat.from_checkpoint(args.ckpt)
-  buckets = [int(b) for b in args.buckets.split(',')] if args.buckets else None
-  eng = engine.Engine(cfg, params, tokenizer=tok, slots=args.slots, buckets=buckets)
+  eng, tok, fmt = opened
   prepare, execute = jobs.scoring_requests(eng, tok, fmt, options, seed=args.seed)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
