@@ -214,6 +214,9 @@ def run(cfg: DemoConfig, *, progress_bar: bool = True, log=print) -> dict[str, A
   with open(os.path.join(cfg.out, 'demo_result.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   log(f'\ncheckpoint: {summary["checkpoint"]}')
+  o = sampling_options(cfg)  # the model's max_len is short: say the generation length
+  log(f'sample it: illada-sample --ckpt {summary["checkpoint"]} --gen-length {o.gen_length} '
+      f'--prompt "{test[0]["prompt"]}"')
   log('held-out examples (prompt, truth, model):')
   for p, t, o in summary['examples']:
     log(f'  {p:<12} {t:>6} {o:>6}  {"ok" if o == t else "x"}')

@@ -19,7 +19,8 @@
                    gen_length=256, block_length=32)
   preset           named SamplingOptions from configs/sampling.py, e.g. `illada_instruct`
   cfg_scale        classifier-free guidance, for scoring and generation
-  batch_size       engine slots (requests denoised or scored at once); mesh e.g. `fsdp=4`
+  mesh             e.g. `fsdp=4`
+lm-eval's own `--batch_size N` sets the engine's slots (requests denoised or scored at once).
 Args given beside a preset override its fields. Every request type runs through
 the engine (`illada_jax.engine`): results do not depend on the batch size, and
 each generation request keeps its own `until` strings and `max_gen_toks`.
@@ -76,8 +77,9 @@ class ILLaDAJax(LM):
                      else {'gen_length': 256, 'block_length': 32})
     sampling_args.update({k: v for k, v in kwargs.items() if k in _SAMPLING})
     self.options = from_strings(SamplingOptions, sampling_args)
-    scoring_args = (_fields(illada_jax.scoring_preset(score_preset)) if score_preset
-                    else {'check_greedy': True})
+    # is_greedy is computed unless the model args turn it off, with or without a preset.
+    scoring_args = dict(_fields(illada_jax.scoring_preset(score_preset)) if score_preset else {},
+                        check_greedy=True)
     scoring_args.update({k: v for k, v in kwargs.items() if k in _SCORING})
     scoring_opts = from_strings(ScoringOptions, scoring_args)
     if params is None:

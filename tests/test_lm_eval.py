@@ -100,6 +100,7 @@ def test_presets_and_end_think_text_reach_generation(ckpt):
   o = lm.options
   assert (o.variable_length, o.end_think, o.end_think_boost, o.end_think_power) == (
       True, 'w1 w2', 100., 1.)
+  assert lm.scoring.check_greedy  # on in the adapter, with or without a preset
   assert (lm.scoring.method, lm.scoring.mc_num, lm.scoring.add_bos, lm.scoring.padd_eos) == (
       'mc', 1, True, True)
   [text] = lm.generate_until([_Req('w3 w4', {'until': [], 'max_gen_toks': 16})])

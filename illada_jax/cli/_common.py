@@ -7,8 +7,9 @@ import dataclasses
 
 
 def add_options(parser: argparse.ArgumentParser, cls, title: str,
-                presets: dict | None = None) -> None:
-  """One `--field-name` flag per field of the options dataclass `cls` (parsed by its type).
+                presets: dict | None = None, exclude: tuple = ()) -> None:
+  """One `--field-name` flag per field of the options dataclass `cls` (parsed by its type;
+  booleans as `--x` / `--no-x`), except the fields in `exclude`.
 
   `presets` (name -> instance) adds `--preset NAME`, whose fields the flags override.
   """
@@ -19,10 +20,9 @@ def add_options(parser: argparse.ArgumentParser, cls, title: str,
   for f in dataclasses.fields(cls):
     flag = '--' + f.name.replace('_', '-')
     doc = f.metadata.get('help', '')
-    if str(f.type) == 'bool':
-      group.add_argument(flag, dest=f.name, action='store_const', const='true', default=None,
-                         help=doc)
-    elif str(f.type) == 'bool | None':  # None is a setting of its own: --x / --no-x / neither
+    if f.name in exclude:
+      continue
+    if str(f.type) in ('bool', 'bool | None'):  # --x / --no-x / neither (the default or preset)
       group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                          help=doc)
     else:

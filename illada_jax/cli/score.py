@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--on-error', choices=('skip', 'stop'), default='skip')
   p.add_argument('--no-progress', action='store_true')
   from illada_jax.configs.scoring import PRESETS
+  # rolling_window: rolling log-likelihood is a library / lm-eval request type, not a record kind.
   _common.add_options(p, ScoringOptions, 'scoring options (illada_jax.scoring.ScoringOptions)',
-                      PRESETS)
+                      PRESETS, exclude=('rolling_window',))
   _common.add_distributed(p)
   return p
 
