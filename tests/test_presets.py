@@ -64,3 +64,17 @@ def test_score_cli_preset_greedy_and_bos_flags(ckpt, tmp_path):
   np.testing.assert_allclose(rec['scores'], scoring.confidence_score(CFG, params, pairs,
                                                                      padd_eos=True), rtol=1e-5)
   assert 'greedy' not in rec
+
+
+def test_boolean_flags_turn_a_preset_field_off_and_on():
+  import argparse
+  from illada_jax.cli import _common
+  from illada_jax.configs.sampling import PRESETS
+  p = argparse.ArgumentParser()
+  _common.add_options(p, sampling.SamplingOptions, 'sampling', PRESETS)
+  def opts(*argv):
+    return _common.options_from(p.parse_args(list(argv)), sampling.SamplingOptions, PRESETS)
+  assert opts('--preset', 'illada_instruct').variable_length
+  assert not opts('--preset', 'illada_instruct', '--no-variable-length',
+                  '--gen-length', '64', '--steps', '64').variable_length
+  assert opts('--after-think').after_think and not opts().after_think
