@@ -197,6 +197,15 @@ def _bad_case(tmp_path, case):
     shard = src / 'model-00002-of-00002.safetensors'
     shard.write_bytes(shard.read_bytes()[:-100])
     expect = ['model-00002-of-00002.safetensors', 'truncated', 'tensor ']
+  elif case == 'lfs_pointer':
+    shard = src / 'model-00002-of-00002.safetensors'
+    shard.write_text('version https://git-lfs.github.com/spec/v1\noid sha256:'
+                     f'{"ab" * 32}\nsize 4976698672\n')
+    expect = ['model-00002-of-00002.safetensors', 'git-lfs pointer']
+  elif case == 'html_page':
+    shard = src / 'model-00001-of-00002.safetensors'
+    shard.write_text('<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n')
+    expect = ['model-00001-of-00002.safetensors', 'not a safetensors file', 'header of']
   elif case == 'missing_shard':
     os.remove(src / 'model-00001-of-00002.safetensors')
     expect = ['model.safetensors.index.json', 'model-00001-of-00002.safetensors',
@@ -213,7 +222,7 @@ def _bad_case(tmp_path, case):
   return src, dst, expect
 
 
-BAD_CASES = ['truncated_shard', 'missing_shard', 'missing_tensor', 'unexpected_tensor',
+BAD_CASES = ['truncated_shard', 'lfs_pointer', 'html_page', 'missing_shard', 'missing_tensor', 'unexpected_tensor',
              'wrong_shape', 'unsupported_dtype', 'config_layers', 'config_width',
              'tied_head_differs', 'pickle_only', 'destination_exists']
 
