@@ -260,6 +260,35 @@ def test_overwrite_replaces_destination(tmp_path):
                    '--quiet']) == 0
 
 
+def _tree(path) -> dict:
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('direction', ['hf-to-orbax', 'orbax-to-hf'])
+def test_destination_overlapping_the_source_is_refused_untouched(tmp_path, capsys, direction):
+  cfg = tiny_cfg('llada')
+  outer = tmp_path / 'outer'
+  src = outer / 'model'
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  os.makedirs(outer)
+  if direction == 'hf-to-orbax':
+    os.rename(tmp_path / 'hf', src)
+  else:
+    assert cli.main(['hf-to-orbax', str(tmp_path / 'hf'), str(src), '--quiet']) == 0
+  (tmp_path / 'link').symlink_to(src)
+  before = _tree(outer)
+  capsys.readouterr()
+  for dst, why in [(src, 'is the source'), (tmp_path / 'link', 'is the source'),
+                   (outer / 'model' / '..' / 'model', 'is the source'),
+                   (src / 'export', 'is inside the source'), (outer, 'contains the source')]:
+    assert cli.main([direction, str(src), str(dst), '--overwrite', '--quiet']) == 2, dst
+    err = capsys.readouterr().err
+    assert f'{dst}: the destination {why} directory' in err, err
+    assert _tree(outer) == before and not (src / 'export').exists()
+    assert not [d for _, dirs, _ in os.walk(tmp_path) for d in dirs if '.tmp-' in d]
+  assert cli.main([direction, str(src), str(tmp_path / 'elsewhere'), '--quiet']) == 0
+
+
 def test_orbax_to_hf_refuses_non_checkpoint(tmp_path, capsys):
   (tmp_path / 'empty').mkdir()
   assert cli.main(['orbax-to-hf', str(tmp_path / 'empty'), str(tmp_path / 'out')]) == 2
