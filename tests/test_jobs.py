@@ -208,6 +208,21 @@ def test_error_records_are_retried_on_resume(tmp_path):
   assert [r['id'] for r in read_jsonl(out)] == [1, 2, 3, 4, 5]
   assert read_jsonl(out)[3]['echo'] == 'X' * 6
 
+
+def test_error_records_of_one_process_are_retried_by_several(tmp_path):
+  records = _records(tmp_path, [{'prompt': f'p{i}'} for i in range(5)])
+  out = str(tmp_path / 'out.jsonl')
+
+  def refuse(r):
+    raise ValueError('gen_length too long')
+  s = jobs.run(records, out, refuse, _fake()[1], progress=False, log=lambda m: None)
+  assert s.errors == 5 and all('error' in r for r in read_jsonl(out))
+  for i in (1, 0):
+    s = jobs.run(records, out, *_fake(), process_index=i, process_count=2, progress=False,
+                 log=lambda m: None)
+    assert (s.skipped, s.errors, s.done) == (0, 0, 3 if i == 0 else 2)
+  assert read_jsonl(out) == [{'id': i, 'echo': f'P{i - 1}'} for i in range(1, 6)]
+
 # -- the real CLI -----------------------------------------------------------------
 
 FLAGS = ['--gen-length', '8', '--block-length', '4', '--steps', '4', '--variable-length',
