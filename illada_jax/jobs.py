@@ -3,9 +3,10 @@
 A job reads one JSON object per line; a record's `id` defaults to its line
 number. Each result is appended to the output and flushed as soon as its
 request finishes. Killed at any moment and rerun with the same command, a job
-skips the ids already written (a torn last line is cut off first), and at the
-end the output is rewritten in input order, so it holds every id exactly once
-with the same content as an uninterrupted run.
+skips the ids already written with a result (a torn last line is cut off
+first; any other corrupt line stops it), runs again the ids written as
+errors, and at the end the output is rewritten in input order, so it holds
+every id exactly once with the same content as an uninterrupted run.
 
 With several processes (`jax.distributed`), process `i` of `n` takes the
 records whose index is `i mod n`, writes `OUT.part-i-of-n`, and process 0
@@ -16,6 +17,7 @@ the file and line (`on_error='skip'`) or stops the job (`'stop'`).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import json
@@ -52,39 +54,79 @@ class Record:
 def read_records(path: str) -> list[Record]:
   """Parses a JSONL file; bad lines become records with an `error` naming `path:line`.
 
-  Ids default to the line number; a repeated id is an error on its later line.
+  The file is read as bytes and each line decoded on its own, so a line that
+  is not UTF-8 is one bad record; a UTF-8 byte-order mark before line 1 is
+  dropped. A record's id is its `id` (a string or an integer), else its line
+  number; a bad line (not UTF-8, invalid JSON, not an object, an `id` of
+  another type) takes its line number too, so that its error record has an
+  id. Every id, explicit or implicit, of a good or a bad line, is taken by
+  the first line that has it: a later line with the same id is a
+  duplicate-id error naming both lines, and gets id None (its error is
+  logged and counted, but written nowhere, since the id's one output record
+  belongs to the earlier line). So the output holds every id exactly once.
   """
   out, seen = [], {}
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
+
+  def bad(where, n, msg):
+    if n in seen:  # its line number is the explicit id of an earlier line
+      out.append(Record(where, None, None, f'{where}: {msg}, and its id {n} (the line number) '
+                                           f'is a duplicate id (first on line {seen[n]})'))
+      return
+    seen[n] = n
+    out.append(Record(where, n, None, f'{where}: {msg}'))
+
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      where = f'{path}:{n}'
+      if n == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        bad(where, n, f'not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)')
+        continue
       if not line.strip():
         continue
       try:
         data = json.loads(line)
       except json.JSONDecodeError as e:
-        out.append(Record(f'{path}:{n}', n, None, f'{path}:{n}: invalid JSON ({e.msg})'))
+        bad(where, n, f'invalid JSON ({e.msg})')
         continue
       if not isinstance(data, dict):
-        out.append(Record(f'{path}:{n}', n, None, f'{path}:{n}: expected a JSON object'))
+        bad(where, n, 'expected a JSON object')
+        continue
+      try:  # a lone surrogate (a valid JSON escape) cannot be written back as UTF-8
+        json.dumps(data, ensure_ascii=False).encode('utf-8')
+      except UnicodeEncodeError:
+        bad(where, n, 'a string holds a lone UTF-16 surrogate (\\ud800-\\udfff escape)')
         continue
       rid = data.get('id', n)
       if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        out.append(Record(f'{path}:{n}', n, None,
-                          f'{path}:{n}: "id" must be a string or an integer'))
+        bad(where, n, '"id" must be a string or an integer')
         continue
       if rid in seen:
-        out.append(Record(f'{path}:{n}', None, None,
-                          f'{path}:{n}: duplicate id {rid!r} (first on line {seen[rid]})'))
+        out.append(Record(where, None, None,
+                          f'{where}: duplicate id {rid!r} (first on line {seen[rid]})'))
         continue
       seen[rid] = n
-      out.append(Record(f'{path}:{n}', rid, data))
+      out.append(Record(where, rid, data))
   return out
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a 1
+
+
 def request_seed(job_seed: int, rid: Any, record: dict | None = None) -> int:
-  """The record's own `seed`, else a stable hash of (job seed, id): uint32."""
-  if record is not None and record.get('seed') is not None:
-    return int(record['seed']) % 2 ** 32
+  """The record's own `seed`, else a stable hash of (job seed, id): uint32.
+
+  Raises ValueError if the record's `seed` is not an integer.
+  """
+  seed = None if record is None else record.get('seed')
+  if seed is not None:
+    if not _is_int(seed):
+      raise ValueError(f'"seed" must be an integer, got {seed!r}')
+    return seed % 2 ** 32
   return zlib.crc32(f'{job_seed}:{rid!r}'.encode())
 
 
@@ -95,33 +137,56 @@ def part_path(out: str, index: int, count: int) -> str:
 
 
 def _repair(path: str) -> None:
-  """Cuts a torn last line (no newline, or not valid JSON) off `path`."""
+  """Cuts a torn last line off `path`: one without a newline, else one that is not valid JSON.
+
+  A kill can tear only the line being written, so only the last line is
+  repaired; a bad line before it is left for `existing_results` to refuse.
+  """
   with open(path, 'rb+') as f:
     data = f.read()
     keep = data.rfind(b'\n') + 1
-    lines = data[:keep].splitlines(keepends=True)
-    while lines:  # a line cut by a crash mid-write cannot be trusted even with its newline
+    if keep == len(data) and data:  # a line cut by a crash may still have its newline
+      start = data.rfind(b'\n', 0, len(data) - 1) + 1
       try:
-        json.loads(lines[-1])
-        break
-      except json.JSONDecodeError:
-        keep -= len(lines.pop())
+        json.loads(data[start:])
+      except ValueError:  # JSONDecodeError or UnicodeDecodeError
+        keep = start
     if keep != len(data):
       f.truncate(keep)
 
 
+def _is_error(line: str) -> bool:
+  return 'error' in json.loads(line)
+
+
 def existing_results(out: str) -> dict[Any, str]:
-  """id -> JSON line of every result already in `out` and its part files (repaired first)."""
+  """id -> JSON line of every result already in `out` and its part files (repaired first).
+
+  An id written more than once (an error record retried by a later run)
+  maps to its first result that is not an error, else to its last error.
+  Raises JobError naming the file and line if a line other than a torn last
+  one is not a JSON object with an `id`.
+  """
   done = {}
   for path in [out] + sorted(glob.glob(glob.escape(out) + '.part-*-of-*')):
     if not os.path.exists(path):
       continue
     _repair(path)
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        rec = json.loads(line)
-        if isinstance(rec, dict) and 'id' in rec:
-          done.setdefault(rec['id'], line if line.endswith('\n') else line + '\n')
+    with open(path, 'rb') as f:
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode('utf-8')
+          rec = json.loads(line)
+        except ValueError as e:
+          raise JobError(f'{path}:{n}: corrupt result line ({e}); only a torn last line is '
+                         'repaired: fix or remove this line, or the file') from None
+        if not (isinstance(rec, dict) and 'id' in rec):
+          raise JobError(f'{path}:{n}: corrupt result line (not a JSON object with an "id"); '
+                         'fix or remove this line, or the file')
+        line = line if line.endswith('\n') else line + '\n'
+        old = done.get(rec['id'])
+        if old is None or _is_error(old):
+          done[rec['id']] = line
   return done
 
 
@@ -150,9 +215,9 @@ def merge(out: str, records: list[Record]) -> int:
 @dataclasses.dataclass
 class JobSummary:
   total: int = 0  # records owned by this process
-  skipped: int = 0  # already written by an earlier run
+  skipped: int = 0  # already written (and not an error) by an earlier run
   done: int = 0  # finished in this run
-  errors: int = 0
+  errors: int = 0  # bad records in this run (error records written, duplicate ids)
   output_tokens: int = 0
   generated_tokens: int = 0
   seconds: float = 0.
@@ -173,7 +238,16 @@ def run(records: list[Record], out: str, prepare: Callable[[Record], Any],
 
   prepare(record) -> a work item, or raises ValueError (a bad record).
   execute(items) yields `(id, result dict, output tokens, generated tokens)`
-  as each item finishes. Raises JobError on a bad record with `on_error='stop'`.
+  as each item finishes. Raises JobError on a bad record with `on_error='stop'`,
+  or if `out` (or a part file) has a corrupt line before its last.
+
+  Error records written by an earlier run are not skipped but retried: a
+  job-wide mistake fixed on the command line does not stay in the output.
+  The merged output keeps the retry's record (its result, or its new error).
+  The returned summary's `errors` counts this process's records that are
+  errors after this run (all of them were run again), so `errors > 0` means
+  the output of this process's records is not all results: the CLIs exit
+  non-zero then.
   """
   if on_error not in ('skip', 'stop'):
     raise ValueError(f'on_error={on_error!r}, expected skip or stop')
@@ -191,7 +265,7 @@ def run(records: list[Record], out: str, prepare: Callable[[Record], Any],
 
     items = []
     for r in mine:
-      if r.id is not None and r.id in done:
+      if r.id is not None and r.id in done and not _is_error(done[r.id]):
         summary.skipped += 1
         continue
       error = r.error
@@ -247,8 +321,11 @@ def generation_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
   """`prepare` for `run`: a record -> (engine Request, the prompt to echo).
 
   A record has `prompt` (a string) or `messages` (a chat), and optionally
-  `stop`, `max_new_tokens`, `seed` and `temperature`, which override the
-  job's. Raises ValueError for a record the engine cannot run.
+  `stop` (a string or strings), `max_new_tokens` (a positive integer),
+  `seed` (an integer) and `temperature` (a number), which override the
+  job's; `"stop": null` and `"max_new_tokens": null` mean none (no stop
+  strings, no limit), a null `seed` or `temperature` the job's. Raises
+  ValueError for a record the engine cannot run or a field of the wrong type.
   """
   def prepare(r: Record):
     d = r.data
@@ -260,14 +337,18 @@ def generation_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
         isinstance(m, dict) and isinstance(m.get('content'), str) and 'role' in m for m in prompt):
       raise ValueError('"messages" must be a list of {"role", "content"} objects')
     o = options
-    if d.get('temperature') is not None:
-      o = o.replace(temperature=float(d['temperature']))
+    temperature = d.get('temperature')
+    if temperature is not None:
+      if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise ValueError(f'"temperature" must be a number, got {temperature!r}')
+      o = o.replace(temperature=float(temperature))
     limit = d.get('max_new_tokens', max_new_tokens)
-    if limit is not None and (not isinstance(limit, int) or limit <= 0):
+    if limit is not None and (not _is_int(limit) or limit <= 0):
       raise ValueError(f'"max_new_tokens" must be a positive integer, got {limit!r}')
+    stops = d.get('stop', stop)
     req = engine_lib.Request(
         id=r.id, prompt_ids=tuple(fmt.encode(tokenizer, engine.cfg, prompt, chat=chat)),
-        options=engine.options_for(o), stop=_strings(d.get('stop', stop), 'stop'),
+        options=engine.options_for(o), stop=() if stops is None else _strings(stops, 'stop'),
         max_new_tokens=limit, seed=request_seed(seed, r.id, d))
     engine.check(req)
     return req, {key: prompt}

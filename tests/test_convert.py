@@ -197,6 +197,15 @@ def _bad_case(tmp_path, case):
     shard = src / 'model-00002-of-00002.safetensors'
     shard.write_bytes(shard.read_bytes()[:-100])
     expect = ['model-00002-of-00002.safetensors', 'truncated', 'tensor ']
+  elif case == 'lfs_pointer':
+    shard = src / 'model-00002-of-00002.safetensors'
+    shard.write_text('version https://git-lfs.github.com/spec/v1\noid sha256:'
+                     f'{"ab" * 32}\nsize 4976698672\n')
+    expect = ['model-00002-of-00002.safetensors', 'git-lfs pointer']
+  elif case == 'html_page':
+    shard = src / 'model-00001-of-00002.safetensors'
+    shard.write_text('<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n')
+    expect = ['model-00001-of-00002.safetensors', 'not a safetensors file', 'header of']
   elif case == 'missing_shard':
     os.remove(src / 'model-00001-of-00002.safetensors')
     expect = ['model.safetensors.index.json', 'model-00001-of-00002.safetensors',
@@ -213,7 +222,7 @@ def _bad_case(tmp_path, case):
   return src, dst, expect
 
 
-BAD_CASES = ['truncated_shard', 'missing_shard', 'missing_tensor', 'unexpected_tensor',
+BAD_CASES = ['truncated_shard', 'lfs_pointer', 'html_page', 'missing_shard', 'missing_tensor', 'unexpected_tensor',
              'wrong_shape', 'unsupported_dtype', 'config_layers', 'config_width',
              'tied_head_differs', 'pickle_only', 'destination_exists']
 
@@ -249,6 +258,35 @@ def test_overwrite_replaces_destination(tmp_path):
   assert cli.main(['orbax-to-hf', str(tmp_path / 'ck'), str(tmp_path / 'hf'), '--quiet']) == 2
   assert cli.main(['orbax-to-hf', str(tmp_path / 'ck'), str(tmp_path / 'hf'), '--overwrite',
                    '--quiet']) == 0
+
+
+def _tree(path) -> dict:
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('direction', ['hf-to-orbax', 'orbax-to-hf'])
+def test_destination_overlapping_the_source_is_refused_untouched(tmp_path, capsys, direction):
+  cfg = tiny_cfg('llada')
+  outer = tmp_path / 'outer'
+  src = outer / 'model'
+  write_hf(tmp_path / 'hf', cfg, make_tensors(cfg))
+  os.makedirs(outer)
+  if direction == 'hf-to-orbax':
+    os.rename(tmp_path / 'hf', src)
+  else:
+    assert cli.main(['hf-to-orbax', str(tmp_path / 'hf'), str(src), '--quiet']) == 0
+  (tmp_path / 'link').symlink_to(src)
+  before = _tree(outer)
+  capsys.readouterr()
+  for dst, why in [(src, 'is the source'), (tmp_path / 'link', 'is the source'),
+                   (outer / 'model' / '..' / 'model', 'is the source'),
+                   (src / 'export', 'is inside the source'), (outer, 'contains the source')]:
+    assert cli.main([direction, str(src), str(dst), '--overwrite', '--quiet']) == 2, dst
+    err = capsys.readouterr().err
+    assert f'{dst}: the destination {why} directory' in err, err
+    assert _tree(outer) == before and not (src / 'export').exists()
+    assert not [d for _, dirs, _ in os.walk(tmp_path) for d in dirs if '.tmp-' in d]
+  assert cli.main([direction, str(src), str(tmp_path / 'elsewhere'), '--quiet']) == 0
 
 
 def test_orbax_to_hf_refuses_non_checkpoint(tmp_path, capsys):

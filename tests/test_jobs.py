@@ -7,10 +7,12 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
 from illada_jax import jobs
+from illada_jax.sampling import SamplingOptions
 
 from helpers import read_jsonl, word_checkpoint, write_jsonl
 
@@ -84,6 +86,142 @@ def test_parts_of_several_processes_merge_in_input_order(tmp_path):
   assert [r['id'] for r in read_jsonl(out)] == [1, 2, 3, 4, 5]
   assert not [p for p in os.listdir(tmp_path) if '.part-' in p]
 
+
+
+def test_bad_lines_line_number_ids_never_collide_with_explicit_ids(tmp_path):
+  """A bad line's id is its line number: an explicit id equal to it (either order) is a dup."""
+  records = _records(tmp_path, ['{oops', {'id': 1, 'prompt': 'a'}, {'id': 4, 'prompt': 'b'},
+                                '[4]', {'prompt': 'c'}])
+  src = str(tmp_path / 'in.jsonl')
+  logged = []
+  out = tmp_path / 'out.jsonl'
+  s = jobs.run(records, str(out), *_fake(), progress=False, log=logged.append)
+  got = read_jsonl(out)
+  ids = [r['id'] for r in got]
+  assert ids == [1, 4, 5] and len(set(ids)) == len(ids)  # every id exactly once
+  assert got[0]['error'].startswith(f'{src}:1: invalid JSON') and got[1]['echo'] == 'B'
+  assert any(m.startswith(f'error: {src}:2: duplicate id 1 (first on line 1)') for m in logged)
+  assert any(f'{src}:4: expected a JSON object' in m and 'duplicate id' in m
+             and 'first on line 3' in m for m in logged)
+  assert (s.errors, s.done) == (3, 2)
+
+
+def test_bytes_that_are_not_utf8_are_a_bad_line_and_a_bom_is_dropped(tmp_path):
+  path = tmp_path / 'in.jsonl'
+  path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "caf\xe9"}\n'
+                   b'{"prompt": "\\ud800"}\n{"prompt": "d"}\n')
+  records = jobs.read_records(str(path))
+  assert [(r.id, r.data) for r in records if r.error is None] == [
+      (1, {'prompt': 'a'}), (4, {'prompt': 'd'})]
+  errors = {r.id: r.error for r in records if r.error}
+  assert errors[2] == f'{path}:2: not UTF-8 (byte 0xe9 at byte 16 of the line)'
+  assert errors[3].startswith(f'{path}:3: a string holds a lone UTF-16 surrogate')
+  out = tmp_path / 'out.jsonl'
+  jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  assert [r['id'] for r in read_jsonl(out)] == [1, 2, 3, 4]
+
+
+def _generation(tmp_path, rows, **kw):
+  """Runs `generation_requests`' prepare on `rows` over a stand-in engine: (requests, out)."""
+  engine = types.SimpleNamespace(cfg=None, options_for=lambda o: o, check=lambda req: None)
+  fmt = types.SimpleNamespace(encode=lambda tok, cfg, prompt, chat: [len(str(prompt))])
+  prepare, _ = jobs.generation_requests(engine, None, fmt, SamplingOptions(), **kw)
+
+  def execute(items):
+    for req, echo in items:
+      yield req.id, {**echo, 'stop': list(req.stop), 'seed': req.seed,
+                     'temperature': req.options.temperature,
+                     'max_new_tokens': req.max_new_tokens}, 1, 1
+  out = tmp_path / 'out.jsonl'
+  s = jobs.run(_records(tmp_path, rows), str(out), prepare, execute, progress=False,
+               log=lambda m: None)
+  return s, {r['id']: r for r in read_jsonl(out)}
+
+
+def test_badly_typed_fields_are_errors_of_their_record_not_of_the_job(tmp_path):
+  rows = [{'id': 't', 'prompt': '70+39=', 'temperature': [1]},
+          {'prompt': 'x', 'seed': [3]}, {'prompt': 'x', 'seed': '3'},
+          {'prompt': 'x', 'max_new_tokens': True}, {'prompt': 'x', 'stop': [1]},
+          {'prompt': 'x', 'temperature': True},
+          {'id': 'ok', 'prompt': 'y', 'stop': None, 'seed': 2 ** 32 + 5, 'temperature': 1,
+           'max_new_tokens': 3},
+          {'id': 'default', 'prompt': 'z'}]
+  s, got = _generation(tmp_path, rows, stop=('\n',), max_new_tokens=9)
+  src = tmp_path / 'in.jsonl'
+  assert got['t']['error'] == f'{src}:1: "temperature" must be a number, got [1]'
+  assert got[2]['error'] == f'{src}:2: "seed" must be an integer, got [3]'
+  assert got[3]['error'] == f"{src}:3: \"seed\" must be an integer, got '3'"
+  assert got[4]['error'] == f'{src}:4: "max_new_tokens" must be a positive integer, got True'
+  assert got[5]['error'] == f'{src}:5: "stop" must be a string or a list of strings'
+  assert got[6]['error'] == f'{src}:6: "temperature" must be a number, got True'
+  assert got['ok'] == {'id': 'ok', 'prompt': 'y', 'stop': [], 'seed': 5, 'temperature': 1.0,
+                       'max_new_tokens': 3}  # "stop": null is no stop strings
+  assert got['default']['stop'] == ['\n'] and got['default']['max_new_tokens'] == 9
+  assert (s.errors, s.done) == (6, 2)
+
+
+def test_a_corrupt_line_before_the_last_of_the_output_stops_the_resume(tmp_path):
+  records = _records(tmp_path, [{'prompt': f'p{i}'} for i in range(4)])
+  out = tmp_path / 'out.jsonl'
+  jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  lines = out.read_text().splitlines(keepends=True)
+  before = ''.join(lines[:1] + ['{"id": 2, "ec\n'] + lines[2:])
+  out.write_text(before)
+  with pytest.raises(jobs.JobError, match=f'{out}:2: corrupt result line'):
+    jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  assert out.read_text() == before  # nothing cut, nothing appended
+  out.write_bytes(lines[0].encode() + b'{"id": 2, "echo": "\xff"}\n' + ''.join(lines[2:]).encode())
+  with pytest.raises(jobs.JobError, match=f'{out}:2: corrupt result line'):
+    jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  out.write_text(''.join(lines[:1] + ['[2]\n'] + lines[2:]))
+  with pytest.raises(jobs.JobError, match=f'{out}:2: corrupt result line'):
+    jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  out.write_text(''.join(lines[:3]) + '{"id": 4, "ec\n')  # a torn last line, with its newline
+  s = jobs.run(records, str(out), *_fake(), progress=False, log=lambda m: None)
+  assert (s.skipped, s.done) == (3, 1) and out.read_text() == ''.join(lines)
+
+
+def test_error_records_are_retried_on_resume(tmp_path):
+  """A job-wide mistake (every record refused) is fixed by rerunning with a good option."""
+  rows = [{'prompt': 'x' * n} for n in (1, 5, 2, 6)] + ['{bad']
+  records = _records(tmp_path, rows)
+  out = tmp_path / 'out.jsonl'
+
+  def limited(limit):
+    def prepare(r):
+      if len(r.data['prompt']) > limit:
+        raise ValueError(f'prompt longer than {limit}')
+      return r
+    return prepare, _fake()[1]
+
+  s = jobs.run(records, str(out), *limited(1), progress=False, log=lambda m: None)
+  assert (s.errors, s.done) == (4, 1)
+  assert [('error' in r) for r in read_jsonl(out)] == [False, True, True, True, True]
+  s = jobs.run(records, str(out), *limited(5), progress=False, log=lambda m: None)
+  assert (s.skipped, s.errors, s.done) == (1, 2, 2)  # 6 x and the bad line still errors
+  got = read_jsonl(out)
+  assert [r['id'] for r in got] == [1, 2, 3, 4, 5]
+  assert [r.get('echo') for r in got[:3]] == ['X', 'XXXXX', 'XX']
+  assert got[3]['error'].endswith('prompt longer than 5') and 'error' in got[4]
+  s = jobs.run(records, str(out), *limited(9), progress=False, log=lambda m: None)
+  assert (s.skipped, s.errors, s.done) == (3, 1, 1)
+  assert [r['id'] for r in read_jsonl(out)] == [1, 2, 3, 4, 5]
+  assert read_jsonl(out)[3]['echo'] == 'X' * 6
+
+
+def test_error_records_of_one_process_are_retried_by_several(tmp_path):
+  records = _records(tmp_path, [{'prompt': f'p{i}'} for i in range(5)])
+  out = str(tmp_path / 'out.jsonl')
+
+  def refuse(r):
+    raise ValueError('gen_length too long')
+  s = jobs.run(records, out, refuse, _fake()[1], progress=False, log=lambda m: None)
+  assert s.errors == 5 and all('error' in r for r in read_jsonl(out))
+  for i in (1, 0):
+    s = jobs.run(records, out, *_fake(), process_index=i, process_count=2, progress=False,
+                 log=lambda m: None)
+    assert (s.skipped, s.errors, s.done) == (0, 0, 3 if i == 0 else 2)
+  assert read_jsonl(out) == [{'id': i, 'echo': f'P{i - 1}'} for i in range(1, 6)]
 
 # -- the real CLI -----------------------------------------------------------------
 

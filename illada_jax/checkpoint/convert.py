@@ -92,6 +92,24 @@ class _Destination:
     return False
 
 
+def _check_apart(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
+  """Raises ConversionError if the destination is the source, inside it, or holds it.
+
+  Real paths are compared, so a symlink or `..` cannot hide the overlap;
+  with `--overwrite` the destination would otherwise replace the source.
+  """
+  src, dst = os.path.realpath(src_dir), os.path.realpath(dst_dir)
+  if src == dst:
+    why = 'is the source directory'
+  elif os.path.commonpath([src, dst]) == src:
+    why = f'is inside the source directory {src}'
+  elif os.path.commonpath([src, dst]) == dst:
+    why = f'contains the source directory {src}'
+  else:
+    return
+  raise ConversionError(f'{dst_dir}: the destination {why}; write the conversion elsewhere')
+
+
 def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
                 dtype: str = 'bfloat16', mesh: str | None = None, overwrite: bool = False,
                 progress: bool = True) -> ModelConfig:
@@ -100,8 +118,10 @@ def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
   `dtype` is the stored parameter dtype (`cfg.param_dtype`). `mesh`
   ('data=1,fsdp=8,tensor=1') picks inner chunks that match one device's
   shard on that mesh, so restoring there reads no more than it needs.
-  Returns the model config. Raises ConversionError on any bad input.
+  Returns the model config. Raises ConversionError on any bad input, and
+  if `dst_dir` is `src_dir`, inside it, or holds it.
   """
+  _check_apart(src_dir, dst_dir)
   if dtype not in ('bfloat16', 'float32', 'float16'):
     raise ConversionError(f'--dtype {dtype}: expected bfloat16, float32 or float16')
   src = HFSource(src_dir)
@@ -142,8 +162,10 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
   Writes `config.json` (`cfg.to_hf()`), safetensors shards of at most
   `shard_size`, `model.safetensors.index.json` and the tokenizer files. A
   tied head is written only if the converted source had one
-  (`hf_source.json`). Raises ConversionError on any bad input.
+  (`hf_source.json`). Raises ConversionError on any bad input, and if
+  `dst_dir` is `src_dir`, inside it, or holds it.
   """
+  _check_apart(src_dir, dst_dir)
   src = os.path.abspath(src_dir)
   shard_bytes = parse_size(shard_size)
   try:

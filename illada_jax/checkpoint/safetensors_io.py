@@ -54,10 +54,37 @@ class TensorEntry:
   nbytes: int
 
 
-def _raw_header(path: str) -> tuple[int, dict[str, Any]]:
-  """(JSON length, JSON object) of a file's header, without any checks."""
+_MAX_HEADER_BYTES = 100_000_000  # the `safetensors` library's own limit on the header JSON
+_LFS_POINTER = b'version https://git-lfs'
+
+
+def _header_length(path: str) -> int:
+  """The header JSON length the first 8 bytes of `path` give, checked against the file size.
+
+  Raises ConversionError naming the file if it does not fit the file (or the
+  library's 100 MB limit): a git-lfs pointer or an HTML page saved under a
+  shard's name would otherwise ask for exabytes.
+  """
+  size = os.path.getsize(path)
   with open(path, 'rb') as f:
-    n = int.from_bytes(f.read(8), 'little')
+    head = f.read(len(_LFS_POINTER))
+  n = int.from_bytes(head[:8], 'little')
+  if len(head) >= 8 and n <= min(size - 8, _MAX_HEADER_BYTES):
+    return n
+  if head.startswith(_LFS_POINTER):
+    raise ConversionError(f'{path}: a git-lfs pointer ({size} bytes), not the safetensors file: '
+                          'fetch the weights (git lfs pull, or huggingface-cli download)')
+  if len(head) < 8:
+    raise ConversionError(f'{path}: not a safetensors file: only {size} bytes')
+  raise ConversionError(f'{path}: not a safetensors file: its first 8 bytes give a header of '
+                        f'{n} bytes, the file has {size} (it starts with {head[:16]!r})')
+
+
+def _raw_header(path: str) -> tuple[int, dict[str, Any]]:
+  """(JSON length, JSON object) of a file's header; checks only the length (`_header_length`)."""
+  n = _header_length(path)
+  with open(path, 'rb') as f:
+    f.seek(8)
     return n, json.loads(f.read(n))
 
 
@@ -67,6 +94,7 @@ def read_header(path: str) -> dict[str, TensorEntry]:
   Raises ConversionError naming the file (and the tensor where one is to
   blame) if the library refuses it.
   """
+  _header_length(path)  # a message for a git-lfs pointer or web page, not the library's
   try:
     with safe_open(path, 'numpy') as f:
       listed = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape()))
