@@ -159,3 +159,18 @@ def test_the_demo_checkpoint_through_illada_sample_scores_what_the_demo_reports(
   assert got[:8] == [e[2] for e in result['examples']]
   accuracy = np.mean([a == r['response'] for a, r in zip(got, test)])
   assert accuracy == result['accuracy'] >= 0.8
+
+
+def test_failed_records_exit_1_and_a_rerun_retries_them(ckpt, tmp_path):
+  """A job-wide mistake (a generation longer than max_len 64) makes every record an error:
+  exit 1; the rerun with a good setting replaces the errors instead of skipping them."""
+  path, params = ckpt
+  data = write_jsonl(tmp_path / 'in.jsonl', [{'prompt': 'w1 w2'}, {'prompt': 'w3'}])
+  out = tmp_path / 'out.jsonl'
+  bad = ['--gen-length', '128', '--block-length', '4', '--steps', '128', '--no-progress']
+  assert sample_cli.main(['--ckpt', path, '--prompts', data, '--out', str(out), *bad]) == 1
+  assert all('error' in json.loads(line) for line in out.read_text().splitlines())
+  assert sample_cli.main(['--ckpt', path, '--prompts', data, '--out', str(out), *FLAGS]) == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['id'] for r in recs] == [1, 2]
+  assert recs[0]['completion'] == alone_text(path, params, [7, 8])

@@ -108,9 +108,9 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
     try:
-      jobs.run(records, out, prepare, execute, on_error=args.on_error,
-               process_index=jax.process_index(), process_count=jax.process_count(),
-               barrier=_common.barrier('illada-sample'), progress=not args.no_progress)
+      summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         barrier=_common.barrier('illada-sample'), progress=not args.no_progress)
     except jobs.JobError as e:
       print(f'illada-sample: {e}', file=sys.stderr)
       return 2
@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ids, mask = prompts.left_pad(rows, eng.cfg.pad_token_id)
     out = sampling.sample(eng.cfg, eng.params, ids, mask, eng.options_for(options))
     show_denoising(tok, out, ids.shape[1], [p[:40] for p in args.prompt])
+  if summary.errors:  # written as error records; a rerun retries them
+    print(f'illada-sample: {summary.errors} record(s) failed (see "error" in the output)', file=sys.stderr)
+    return 1
   return 0
 
 

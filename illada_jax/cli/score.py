@@ -76,10 +76,11 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
     try:
-      jobs.run(jobs.read_records(args.input), out, prepare, execute, on_error=args.on_error,
-               process_index=jax.process_index(), process_count=jax.process_count(),
-               barrier=_common.barrier('illada-score'), progress=not args.no_progress,
-               unit='records')
+      summary = jobs.run(jobs.read_records(args.input), out, prepare, execute,
+                         on_error=args.on_error, process_index=jax.process_index(),
+                         process_count=jax.process_count(),
+                         barrier=_common.barrier('illada-score'), progress=not args.no_progress,
+                         unit='records')
     except jobs.JobError as e:
       print(f'illada-score: {e}', file=sys.stderr)
       return 2
@@ -91,6 +92,9 @@ def main(argv=None) -> int:
       if graded:
         print(f'accuracy {correct / graded:.4f} ({correct}/{graded}, method={options.method})',
               file=sys.stderr)
+  if summary.errors:  # written as error records; a rerun retries them
+    print(f'illada-score: {summary.errors} record(s) failed (see "error" in the output)', file=sys.stderr)
+    return 1
   return 0
 
 
