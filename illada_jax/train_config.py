@@ -31,6 +31,9 @@ class TrainConfig:
   seq_len: int = 256  # L
   steps: int = 1000  # optimizer steps of the run
   seed: int = 0
+  # A checkpoint directory (converter output or a step directory) whose weights
+  # start the run (fresh optimizer, step 0); '' = random init. See `finetune`.
+  init_from: str = ''
   mesh: str = 'data=1,fsdp=-1,tensor=1'  # see sharding.parse_mesh_shape
   # Logical axis -> mesh axes for parameters, activations and the batch.
   sharding_rules: tuple = sharding.RULES
