@@ -11,8 +11,10 @@ import pytest
 
 import illada_jax
 from illada_jax import checkpoint, data, finetune, prompts, train
+from illada_jax.cli import convert as convert_cli
 from illada_jax.optimizer import OptimizerConfig
-from helpers import make_data, make_tensors, tiny_cfg, tiny_config, write_hf, write_jsonl
+from helpers import (TRAIN_MODEL, make_data, make_tensors, read_hf, reference_logits, tiny_cfg,
+                     tiny_config, write_hf, write_jsonl)
 
 # The converted checkpoint is bfloat16; the run trains it in float32.
 RUN_MODEL = tiny_cfg('illada').replace(param_dtype='float32', compute_dtype='float32',
@@ -49,6 +51,7 @@ def _sft_config(root, **kw):
   return tiny_config(root, **base)
 
 
+@pytest.mark.slow
 def test_init_from_first_loss_is_the_converted_models_and_sft_lowers_it(tmp_path):
   cfg = _sft_config(str(tmp_path))
   part = train.train(cfg, stop_after=10)
@@ -89,3 +92,60 @@ def test_init_from_model_mismatch_names_the_field(tmp_path):
   assert 'model.rope_theta' in str(e.value)
   with pytest.raises(FileNotFoundError, match='model_config.json'):
     finetune.resolve_config(dataclasses.replace(cfg, init_from=str(tmp_path)))
+
+
+# -- back to Hugging Face from a train step directory ------------------------------------
+
+def _step_dir(root, model):
+  """The final step directory of a 2-step run of `model` from random weights."""
+  cfg = tiny_config(root, model=model, steps=2, checkpoint_every=0, async_checkpoints=False,
+                    grad_accum=1)
+  out = train.train(cfg)
+  return out['checkpoint_dir'], jax.device_get(out['state']['params'])
+
+
+def _tokens(cfg, seed=0):
+  return np.random.default_rng(seed).integers(6, cfg.vocab_size, (2, 12)).astype(np.int32)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_step_dir_exports_to_a_llama_layout_transformers_loads(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  step_dir, params = _step_dir(str(tmp_path), TRAIN_MODEL)
+  back = str(tmp_path / 'hf')
+  assert convert_cli.main(['orbax-to-hf', step_dir, back, '--quiet']) == 0
+  assert os.path.exists(os.path.join(back, 'sp.model'))  # the run's tokenizer travels
+  with open(os.path.join(back, 'config.json')) as f:
+    hf = json.load(f)
+  assert hf['torch_dtype'] == 'float32' and hf['tie_word_embeddings'] is True
+  # The iLLaDA layout is Llama's; transformers only needs to be told the class.
+  hf.update(model_type='llama', architectures=['LlamaForCausalLM'])
+  with open(os.path.join(back, 'config.json'), 'w') as f:
+    json.dump(hf, f)
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      back, torch_dtype=torch.float32, attn_implementation='eager').eval()
+  tokens = _tokens(TRAIN_MODEL)
+  no_mask = torch.zeros((2, 1, 12, 12))  # additive 4D mask used as-is: bidirectional
+  with torch.no_grad():
+    want = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                 attention_mask=no_mask).logits.numpy()
+  got = np.asarray(illada_jax.forward(TRAIN_MODEL, params, tokens))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert want.std() > 0.03  # logits of this size make 1e-5 a tight bound
+
+
+@pytest.mark.slow
+def test_step_dir_exports_llada_layout_with_the_spec_logits(tmp_path):
+  cfg = TRAIN_MODEL.replace(family='llada', tie_embeddings=False)
+  step_dir, params = _step_dir(str(tmp_path), cfg)
+  back = tmp_path / 'hf'
+  checkpoint.orbax_to_hf(step_dir, back, progress=False)
+  tensors = read_hf(back)
+  assert 'model.transformer.ff_out.weight' in tensors
+  tokens = _tokens(cfg, seed=1)
+  want = reference_logits(cfg, tensors, tokens)  # float64 NumPy, SPEC §1
+  got = np.asarray(illada_jax.forward(cfg, params, tokens), np.float64)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert want.std() > 0.03  # logits of this size make 1e-5 a tight bound
