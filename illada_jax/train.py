@@ -265,6 +265,17 @@ class _Writer:
     self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self.jsonl.flush()
 
+  def write_samples(self, step: int, samples: list[dict[str, str]]):
+    """Eval samples as TensorBoard text (one tag per prompt) and one metrics.jsonl line."""
+    if not self.enabled:
+      return
+    if self.tb is not None:
+      from illada_jax.train_samples import as_markdown
+      for i, sample in enumerate(samples):
+        self.tb.add_text(f'eval_samples/{i}', as_markdown(sample), step)
+    self.jsonl.write(json.dumps({'step': step, 'eval_samples': samples}) + '\n')
+    self.jsonl.flush()
+
   def close(self):
     if self.enabled:
       if self.tb is not None:
@@ -321,6 +332,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
 
   step_fn = jit_train_step(cfg, tx, mesh)
   eval_fn = make_eval_step(cfg, mesh) if eval_data else None
+  sampler = None
+  if cfg.eval_every and cfg.eval_samples:
+    from illada_jax.train_samples import EvalSampler
+    sampler = EvalSampler(cfg, mesh)
   writer = _Writer(cfg.workdir)
   stop = _Stop()
   old_handler = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
@@ -393,6 +408,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
                 for i, b in enumerate(eval_data)]
         evals[step] = float(np.mean(jax.device_get(vals)))
         writer.write(step, {'eval_loss': evals[step]})
+      if sampler is not None and step % cfg.eval_every == 0:
+        writer.write_samples(step, sampler(state['params']))
       preempted = _agree(stop.requested)
       if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or preempted:
         flush(step)

@@ -44,6 +44,10 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 0  # 0 = no periodic eval
   eval_batches: int = 4
+  # Held-out prompts sampled (greedy) at every eval, logged with their
+  # references; 0 = none. See `train_samples`.
+  eval_samples: int = 0
+  eval_gen_length: int = 32  # tokens generated per sampled prompt
   checkpoint_every: int = 500  # 0 = only at the end / on SIGTERM
   keep_checkpoints: int = 3
   async_checkpoints: bool = True

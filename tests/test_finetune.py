@@ -77,7 +77,9 @@ def test_init_from_first_loss_is_the_converted_models_and_sft_lowers_it(tmp_path
   # The step directory is a whole checkpoint: tokenizer, template, BOS rule, HF layout.
   step_dir = out['checkpoint_dir']
   assert checkpoint.load_config(step_dir) == RUN_MODEL
-  assert finetune.checkpoint_tokenizer(step_dir).endswith('sp.model')
+  tok = prompts.load_tokenizer(step_dir)  # what illada-sample --ckpt uses
+  assert tok.path.endswith('sp.model') and tok.encode('to be') == data.text_tokenizer.load(
+      run.data.tokenizer).encode('to be')
   fmt = prompts.PromptFormat.from_checkpoint(step_dir)
   assert fmt == prompts.PromptFormat(add_bos=True, chat_template='T')
   assert os.path.exists(os.path.join(step_dir, 'hf_source.json'))
@@ -149,3 +151,55 @@ def test_step_dir_exports_llada_layout_with_the_spec_logits(tmp_path):
   got = np.asarray(illada_jax.forward(cfg, params, tokens), np.float64)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert want.std() > 0.03  # logits of this size make 1e-5 a tight bound
+
+
+def test_step_dir_stamp_carries_a_tokenizer_directory_and_its_template(tmp_path):
+  tok_dir = tmp_path / 'tok'
+  tok_dir.mkdir()
+  for name, text in {'tokenizer.json': '{"x": 1}', 'special_tokens_map.json': '{}',
+                     'tokenizer_config.json': json.dumps({'chat_template': 'C',
+                                                          'add_bos_token': True}),
+                     'unrelated.txt': 'no'}.items():
+    (tok_dir / name).write_text(text)
+  step_dir = tmp_path / 'step'
+  step_dir.mkdir()
+  cfg = train.TrainConfig(model=TRAIN_MODEL,
+                          data=data.DataConfig(tokenizer=str(tok_dir), add_bos=False))
+  finetune.stamp_step_dir(str(step_dir), cfg)
+  assert sorted(os.listdir(step_dir)) == ['model_config.json', 'special_tokens_map.json',
+                                          'tokenizer.json', 'tokenizer_config.json']
+  assert prompts.PromptFormat.from_checkpoint(str(step_dir)) == prompts.PromptFormat(
+      add_bos=False, chat_template='C')  # the run's BOS rule, the tokenizer's template
+  assert checkpoint.load_config(str(step_dir)) == TRAIN_MODEL
+  assert finetune.checkpoint_tokenizer(str(step_dir)) == str(step_dir)
+
+
+# -- samples of held-out prompts during training -----------------------------------------
+
+@pytest.mark.slow
+def test_eval_samples_are_logged_with_prompt_completion_and_reference(tmp_path):
+  root = str(tmp_path)
+  sft = _sft_records(root)
+  _, tok_path = make_data(root)
+  cfg = tiny_config(root, objective='sft', data=data.DataConfig(paths=(sft,), tokenizer=tok_path),
+                    seq_len=32, steps=2, grad_accum=1, eval_every=2, eval_batches=1,
+                    eval_samples=3, eval_gen_length=8, checkpoint_every=0,
+                    async_checkpoints=False)
+  out = train.train(cfg)
+  lines = [json.loads(l) for l in open(os.path.join(cfg.workdir, 'metrics.jsonl'))]
+  (logged,) = [l for l in lines if 'eval_samples' in l]
+  assert logged['step'] == 2
+  records = [json.loads(l) for l in open(sft)][:3]
+  assert [s['prompt'] for s in logged['eval_samples']] == [r['prompt'] for r in records]
+  assert [s['reference'] for s in logged['eval_samples']] == [r['response'] for r in records]
+  # Each completion is what the sampler gives that prompt alone, as training encodes it.
+  tok = data.text_tokenizer.load(tok_path)
+  params = jax.device_get(out['state']['params'])
+  for sample, rec in zip(logged['eval_samples'], records):
+    ids = [tok.bos_id] + tok.encode(rec['prompt'])
+    gen = illada_jax.generate(cfg.model, params, np.asarray([ids], np.int32), gen_length=8,
+                              steps=8, vocab_limit=tok.vocab_size)
+    want = tok.decode(prompts.completion_ids(cfg.model, np.asarray(gen)[0, len(ids):]))
+    assert sample['completion'] == want
+  events = [p for p in (tmp_path / 'run' / 'tb').iterdir() if 'tfevents' in p.name]
+  assert b'eval_samples/2' in events[0].read_bytes()
