@@ -17,8 +17,12 @@ Orbax checkpoints every `checkpoint_every` steps (keep-N). A step directory
 holds the items `params` (converter-compatible: `load_checkpoint` of
 `illada_jax.checkpoint` reads `<dir>/<step>` once its `model_config.json` is
 written), `opt_state`, `meta` (step) and `data` (per-process Grain iterator
-state). SIGTERM saves and returns; a non-finite loss raises before any
-checkpoint of the bad state is written.
+state), and the run's tokenizer files (`finetune.stamp_step_dir`). With
+`cfg.init_from` the weights of a checkpoint directory start the run
+(`finetune`); with `cfg.eval_samples` each eval also logs sampled
+completions of held-out prompts (`train_samples`). SIGTERM saves and
+returns; a non-finite loss raises before any checkpoint of the bad state is
+written.
 """
 
 from __future__ import annotations
