@@ -151,6 +151,15 @@ def test_step_dir_exports_llada_layout_with_the_spec_logits(tmp_path):
   got = np.asarray(illada_jax.forward(cfg, params, tokens), np.float64)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert want.std() > 0.03  # logits of this size make 1e-5 a tight bound
+  # --dtype bfloat16: the run's float32 weights rounded to nearest even.
+  assert convert_cli.main(['orbax-to-hf', step_dir, str(tmp_path / 'bf16'), '--dtype',
+                           'bfloat16', '--quiet']) == 0
+  small = read_hf(tmp_path / 'bf16')
+  assert json.load(open(tmp_path / 'bf16' / 'config.json'))['torch_dtype'] == 'bfloat16'
+  assert small.keys() == tensors.keys()
+  for name, x in tensors.items():
+    assert x.dtype == np.float32 and small[name].dtype == np.dtype('bfloat16')
+    np.testing.assert_array_equal(small[name], x.astype(np.dtype('bfloat16')))
 
 
 def test_step_dir_stamp_carries_a_tokenizer_directory_and_its_template(tmp_path):
