@@ -190,14 +190,18 @@ def test_eval_samples_are_logged_with_prompt_completion_and_reference(tmp_path):
   root = str(tmp_path)
   sft = _sft_records(root)
   _, tok_path = make_data(root)
+  # Untied, one step at warmup's zero learning rate: a random tied model answers
+  # its input (MASK) and an SFT-trained one soon EOS; either would end every
+  # completion at once.
   cfg = tiny_config(root, objective='sft', data=data.DataConfig(paths=(sft,), tokenizer=tok_path),
-                    seq_len=32, steps=2, grad_accum=1, eval_every=2, eval_batches=1,
+                    model=TRAIN_MODEL.replace(tie_embeddings=False),
+                    seq_len=32, steps=1, grad_accum=1, eval_every=1, eval_batches=1,
                     eval_samples=3, eval_gen_length=8, checkpoint_every=0,
                     async_checkpoints=False)
   out = train.train(cfg)
   lines = [json.loads(l) for l in open(os.path.join(cfg.workdir, 'metrics.jsonl'))]
   (logged,) = [l for l in lines if 'eval_samples' in l]
-  assert logged['step'] == 2
+  assert logged['step'] == 1
   records = [json.loads(l) for l in open(sft)][:3]
   assert [s['prompt'] for s in logged['eval_samples']] == [r['prompt'] for r in records]
   assert [s['reference'] for s in logged['eval_samples']] == [r['response'] for r in records]
@@ -210,5 +214,6 @@ def test_eval_samples_are_logged_with_prompt_completion_and_reference(tmp_path):
                               steps=8, vocab_limit=tok.vocab_size)
     want = tok.decode(prompts.completion_ids(cfg.model, np.asarray(gen)[0, len(ids):]))
     assert sample['completion'] == want
+  assert any(s['completion'] for s in logged['eval_samples'])  # not only empty answers
   events = [p for p in (tmp_path / 'run' / 'tb').iterdir() if 'tfevents' in p.name]
   assert b'eval_samples/2' in events[0].read_bytes()
