@@ -77,7 +77,7 @@ class EvalSampler:
       self.references.append(reference)
       rows.append(ids)
     shards = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape]))
-    self.ids, self.mask = prompts.left_pad(rows, model.pad_token_id, multiple=shards)
+    self.ids_BP, self.mask_BP = prompts.left_pad(rows, model.pad_token_id, multiple=shards)
 
   @staticmethod
   def _template(cfg) -> str | None:
@@ -87,9 +87,13 @@ class EvalSampler:
 
   def __call__(self, params) -> list[dict[str, str]]:
     """[{'prompt', 'completion', 'reference'}] of the prepared prompts under `params`."""
-    out = sampling.sample(self.cfg.model, params, self.ids, self.mask, self.options,
-                          seeds=np.arange(len(self.ids)))
-    gen = np.asarray(jax.device_get(out.tokens))[:, self.ids.shape[1]:]
+    out = sampling.sample(self.cfg.model, params, self.ids_BP, self.mask_BP, self.options,
+                          seeds=np.arange(len(self.ids_BP)))
+    tokens = out.tokens
+    if jax.process_count() > 1:  # rows live on every process's devices: gather them all
+      from jax.experimental import multihost_utils
+      tokens = multihost_utils.process_allgather(tokens, tiled=True)
+    gen = np.asarray(jax.device_get(tokens))[:, self.ids_BP.shape[1]:]
     return [{'prompt': p, 'completion': self.tok.decode(prompts.completion_ids(self.cfg.model, g)),
              'reference': r}
             for p, g, r in zip(self.prompts, gen, self.references)]
