@@ -42,7 +42,8 @@ def _expand(paths: Sequence[str]) -> list[str]:
   for p in paths:
     hits = sorted(glob.glob(p))
     if not hits:
-      raise FileNotFoundError(f'data: no file matches {p!r}')
+      raise FileNotFoundError(f'data: no file matches {p!r}; give the data with '
+                              f'--set data.paths="(\'/path/to/file\',)" (setting data.paths)')
     files.extend(hits)
   return files
 

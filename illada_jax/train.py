@@ -17,8 +17,12 @@ Orbax checkpoints every `checkpoint_every` steps (keep-N). A step directory
 holds the items `params` (converter-compatible: `load_checkpoint` of
 `illada_jax.checkpoint` reads `<dir>/<step>` once its `model_config.json` is
 written), `opt_state`, `meta` (step) and `data` (per-process Grain iterator
-state). SIGTERM saves and returns; a non-finite loss raises before any
-checkpoint of the bad state is written.
+state), and the run's tokenizer files (`finetune.stamp_step_dir`). With
+`cfg.init_from` the weights of a checkpoint directory start the run
+(`finetune`); with `cfg.eval_samples` each eval also logs sampled
+completions of held-out prompts (`train_samples`). SIGTERM saves and
+returns; a non-finite loss raises before any checkpoint of the bad state is
+written.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from illada_jax import finetune
 from illada_jax import flops as flops_lib
 from illada_jax import loss as loss_lib
 from illada_jax import model as model_lib
@@ -45,7 +50,6 @@ from illada_jax import optimizer as opt_lib
 from illada_jax import sharding
 from illada_jax.checkpoint import store as ckpt_store
 from illada_jax.config import ModelConfig
-from illada_jax.prompts import PromptFormat
 from illada_jax.train_config import TrainConfig, load_config, override  # noqa: F401 (API)
 
 
@@ -177,12 +181,12 @@ def checkpoint_manager(cfg: TrainConfig) -> ocp.CheckpointManager:
 
 
 def _stamp_model_config(mngr: ocp.CheckpointManager, cfg: TrainConfig):
-  """Writes `model_config.json` and the prompt format into every finished step directory.
+  """Makes every finished step directory a whole checkpoint (`finetune.stamp_step_dir`).
 
-  A finished step directory is then a checkpoint directory in the format of
-  `illada_jax.checkpoint` (params item + model_config.json), with the
-  tokenizer and `tokenizer_config.json` recording whether training put BOS
-  before the text, so samplers encode prompts the same way.
+  It is then a checkpoint directory in the format of `illada_jax.checkpoint`
+  (params item + model_config.json) with the run's tokenizer files and
+  `tokenizer_config.json` (BOS convention, chat template), so samplers
+  encode prompts as training did.
   """
   if jax.process_index() != 0:
     return
@@ -190,9 +194,7 @@ def _stamp_model_config(mngr: ocp.CheckpointManager, cfg: TrainConfig):
     step_dir = os.path.join(str(mngr.directory), str(step))
     if os.path.isdir(step_dir) and not os.path.exists(
         os.path.join(step_dir, ckpt_store.CONFIG_FILE)):
-      if cfg.data.tokenizer and os.path.exists(cfg.data.tokenizer):
-        PromptFormat(add_bos=cfg.data.add_bos).write(step_dir, cfg.data.tokenizer)
-      ckpt_store.write_config(step_dir, cfg.model)  # last: it marks the stamp done
+      finetune.stamp_step_dir(step_dir, cfg)
 
 
 def save(mngr, state, data_iter, cfg: TrainConfig, *, force: bool = False):
@@ -267,6 +269,17 @@ class _Writer:
     self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self.jsonl.flush()
 
+  def write_samples(self, step: int, samples: list[dict[str, str]]):
+    """Eval samples as TensorBoard text (one tag per prompt) and one metrics.jsonl line."""
+    if not self.enabled:
+      return
+    if self.tb is not None:
+      from illada_jax.train_samples import as_markdown
+      for i, sample in enumerate(samples):
+        self.tb.add_text(f'eval_samples/{i}', as_markdown(sample), step)
+    self.jsonl.write(json.dumps({'step': step, 'eval_samples': samples}) + '\n')
+    self.jsonl.flush()
+
   def close(self):
     if self.enabled:
       if self.tb is not None:
@@ -294,10 +307,11 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   """
   if cfg.batch_size % (cfg.grad_accum * jax.process_count()):
     raise ValueError(f'batch_size={cfg.batch_size} must divide by grad_accum x processes')
+  cfg = finetune.resolve_config(cfg)  # init_from: the checkpoint's model and tokenizer
   data_lib = _data_lib()
   mesh = sharding.make_mesh(cfg.mesh)
   tx = opt_lib.make_optimizer(cfg.optimizer)
-  abstract_state, _ = state_shardings(cfg, mesh, tx)
+  abstract_state, shardings = state_shardings(cfg, mesh, tx)
   local_batch = cfg.batch_size // jax.process_count()
   if data_iter is None or (eval_data is None and cfg.eval_every):
     data_lib.ensure_tokenizer(cfg.data)
@@ -312,14 +326,20 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
 
   mngr = checkpoint_manager(cfg)
   latest = mngr.latest_step()
-  if latest is not None:
+  if latest is not None:  # the run's own checkpoint wins over init_from
     state = restore(mngr, latest, abstract_state, data_iter)
+  elif cfg.init_from:
+    state = finetune.init_state(cfg, tx, shardings)
   else:
     state = init_state(cfg, mesh, tx)
   start = int(jax.device_get(state['step']))
 
   step_fn = jit_train_step(cfg, tx, mesh)
   eval_fn = make_eval_step(cfg, mesh) if eval_data else None
+  sampler = None
+  if cfg.eval_every and cfg.eval_samples:
+    from illada_jax.train_samples import EvalSampler
+    sampler = EvalSampler(cfg, mesh)
   writer = _Writer(cfg.workdir)
   stop = _Stop()
   old_handler = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
@@ -392,6 +412,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
                 for i, b in enumerate(eval_data)]
         evals[step] = float(np.mean(jax.device_get(vals)))
         writer.write(step, {'eval_loss': evals[step]})
+      if sampler is not None and step % cfg.eval_every == 0:
+        writer.write_samples(step, sampler(state['params']))
       preempted = _agree(stop.requested)
       if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or preempted:
         flush(step)

@@ -31,6 +31,9 @@ class TrainConfig:
   seq_len: int = 256  # L
   steps: int = 1000  # optimizer steps of the run
   seed: int = 0
+  # A checkpoint directory (converter output or a step directory) whose weights
+  # start the run (fresh optimizer, step 0); '' = random init. See `finetune`.
+  init_from: str = ''
   mesh: str = 'data=1,fsdp=-1,tensor=1'  # see sharding.parse_mesh_shape
   # Logical axis -> mesh axes for parameters, activations and the batch.
   sharding_rules: tuple = sharding.RULES
@@ -41,6 +44,10 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 0  # 0 = no periodic eval
   eval_batches: int = 4
+  # Held-out prompts sampled (greedy) at every eval, logged with their
+  # references; 0 = none. See `train_samples`.
+  eval_samples: int = 0
+  eval_gen_length: int = 32  # tokens generated per sampled prompt
   checkpoint_every: int = 500  # 0 = only at the end / on SIGTERM
   keep_checkpoints: int = 3
   async_checkpoints: bool = True

@@ -1,6 +1,6 @@
 """Benchmark of `illada-convert` against an O_DIRECT copy of the same bytes, in the same run.
 
-  python tools/bench_convert.py [--preset illada_8b] [--workdir /work/tmp] [--keep]
+  python tools/bench_convert.py [--preset illada_8b] [--workdir /big/disk] [--keep]
 
 Writes a fake Hugging Face directory of the preset (random bfloat16, real
 names and shapes, 5 GB shards), then for each direction (hf-to-orbax, then

@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -156,15 +157,20 @@ def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
 
 def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
                 shard_size: str | int = '5GB', overwrite: bool = False,
-                progress: bool = True) -> ModelConfig:
+                progress: bool = True, dtype: str | None = None) -> ModelConfig:
   """Converts a checkpoint directory back to a Hugging Face directory of its family.
 
-  Writes `config.json` (`cfg.to_hf()`), safetensors shards of at most
-  `shard_size`, `model.safetensors.index.json` and the tokenizer files. A
-  tied head is written only if the converted source had one
-  (`hf_source.json`). Raises ConversionError on any bad input, and if
-  `dst_dir` is `src_dir`, inside it, or holds it.
+  `src_dir` is a converted checkpoint or a training step directory
+  (`<workdir>/checkpoints/<step>`). Writes `config.json` (`cfg.to_hf()`),
+  safetensors shards of at most `shard_size`, `model.safetensors.index.json`
+  and the tokenizer files. `dtype` ('bfloat16', 'float32', 'float16'; default:
+  as stored) casts every tensor (round to nearest even), e.g. a run's float32
+  master weights to bfloat16. A tied head is written only if the converted
+  source had one (`hf_source.json`). Raises ConversionError on any bad input,
+  and if `dst_dir` is `src_dir`, inside it, or holds it.
   """
+  if dtype not in (None, 'bfloat16', 'float32', 'float16'):
+    raise ConversionError(f'--dtype {dtype}: expected bfloat16, float32 or float16')
   _check_apart(src_dir, dst_dir)
   src = os.path.abspath(src_dir)
   shard_bytes = parse_size(shard_size)
@@ -190,6 +196,10 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
       source = json.load(f)
   tensors = _to_hf.out_tensors(cfg, arrays, bool(source.get('tied_head_stored', False)))
   stored_dtype = str(np.dtype(arrays['embedder/embedding'].dtype.numpy_dtype))
+  if dtype is not None:  # the shard writer casts each chunk to its tensor's dtype
+    out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == 'bfloat16' else np.dtype(dtype)
+    tensors = [dataclasses.replace(t, dtype=out_dtype) for t in tensors]
+    stored_dtype = dtype
   with _Destination(dst_dir, overwrite) as tmp:
     bar = _Progress(sum(t.nbytes for t in tensors), len(tensors), 'orbax-to-hf', progress)
     try:

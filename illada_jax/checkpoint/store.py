@@ -130,6 +130,20 @@ def _check_stored(path, abstract) -> None:
     raise ValueError(f'{path}: checkpoint does not match {CONFIG_FILE}: ' + '; '.join(problems))
 
 
+def restore_params(path: str | os.PathLike, abstract) -> Any:
+  """The parameters of checkpoint directory `path`, restored into the target `abstract`.
+
+  `abstract` is a `jax.ShapeDtypeStruct` pytree of the scanned layout; each
+  leaf's sharding says where its shards go (every device reads only its
+  slice, no host copy of the model) and its dtype is the dtype the stored
+  values are cast to (e.g. a bfloat16 checkpoint into a float32 run).
+  Raises ValueError naming each parameter whose stored shape differs.
+  """
+  path = os.path.abspath(path)
+  _check_stored(path, abstract)
+  return ocp.StandardCheckpointer().restore(params_dir(path), abstract)
+
+
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                     rules=sharding_lib.RULES) -> tuple[ModelConfig, Any]:
   """Restores `(cfg, params)` from checkpoint directory `path`.
@@ -150,8 +164,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
                             model_lib.abstract_params(stored_cfg))
   else:
     abstract = model_lib.abstract_params(stored_cfg, mesh, rules)
-  _check_stored(path, abstract)
-  params = ocp.StandardCheckpointer().restore(params_dir(path), abstract)
+  params = restore_params(path, abstract)
   if not cfg.scan_layers:
     params = model_lib.unstack_layers(params, cfg.num_layers)
   return cfg, params

@@ -1,7 +1,9 @@
 """`illada-convert`: Hugging Face safetensors <-> Orbax checkpoint directories.
 
   illada-convert hf-to-orbax SRC_DIR DST_DIR [--dtype bfloat16|float32] [--mesh data=1,fsdp=8,tensor=1] [--overwrite]
-  illada-convert orbax-to-hf SRC_DIR DST_DIR [--shard-size 5GB] [--overwrite]
+  illada-convert orbax-to-hf SRC_DIR DST_DIR [--shard-size 5GB] [--dtype bfloat16] [--overwrite]
+
+SRC_DIR of orbax-to-hf may be a training step directory (<workdir>/checkpoints/<step>).
 
 Exit status 0 on success, 2 on bad input or usage (message on stderr).
 """
@@ -30,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument('src', metavar='SRC_DIR')
   b.add_argument('dst', metavar='DST_DIR')
   b.add_argument('--shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
+  b.add_argument('--dtype', default=None, choices=('bfloat16', 'float32', 'float16'),
+                 help='cast the tensors (default: as stored; a run with float32 master '
+                      'weights stores float32)')
   b.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
   b.add_argument('--quiet', action='store_true', help='no progress bar')
   return p
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                                 overwrite=args.overwrite, progress=not args.quiet)
     else:
       cfg = checkpoint.orbax_to_hf(args.src, args.dst, shard_size=args.shard_size,
-                                overwrite=args.overwrite, progress=not args.quiet)
+                                overwrite=args.overwrite, progress=not args.quiet,
+                                dtype=args.dtype)
   except checkpoint.ConversionError as e:
     print(f'illada-convert: error: {e}', file=sys.stderr)
     return 2
