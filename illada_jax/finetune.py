@@ -127,9 +127,13 @@ def stamp_step_dir(step_dir: str, cfg) -> None:
     ckpt_store.copy_tokenizer_files(src_dir, step_dir)
   elif src_file is not None:
     shutil.copy2(src_file, os.path.join(step_dir, os.path.basename(src_file)))
-  if src_dir is not None or src_file is not None:
-    # Keeps the template and other keys of a copied tokenizer_config.json.
-    PromptFormat(add_bos=cfg.data.add_bos).write(step_dir)
+  if src_dir is not None or src_file is not None or cfg.data.chat_template:
+    # The run's BOS rule and the template its SFT rows were rendered with (data.chat_template);
+    # without one, a copied tokenizer_config.json keeps its template and other keys.
+    from illada_jax import data as data_lib  # Grain, only where a run stamps
+    fmt = data_lib.prompt_format(cfg.data) if cfg.data.chat_template else PromptFormat(
+        add_bos=cfg.data.add_bos)
+    fmt.write(step_dir)
   if cfg.init_from:
     source = os.path.join(cfg.init_from, ckpt_store.SOURCE_FILE)
     if os.path.isfile(source):  # how to write the weights back in their HF layout

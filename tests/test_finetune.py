@@ -181,6 +181,11 @@ def test_step_dir_stamp_carries_a_tokenizer_directory_and_its_template(tmp_path)
       add_bos=False, chat_template='C')  # the run's BOS rule, the tokenizer's template
   assert checkpoint.load_config(str(step_dir)) == TRAIN_MODEL
   assert finetune.checkpoint_tokenizer(str(step_dir)) == str(step_dir)
+  # A template given for the SFT rows (data.chat_template) is the one recorded.
+  (tmp_path / 'chat.jinja').write_text('T{{ messages }}')
+  finetune.stamp_step_dir(str(step_dir), dataclasses.replace(cfg, data=dataclasses.replace(
+      cfg.data, chat_template=str(tmp_path / 'chat.jinja'))))
+  assert prompts.PromptFormat.from_checkpoint(str(step_dir)).chat_template == 'T{{ messages }}'
 
 
 # -- samples of held-out prompts during training -----------------------------------------
