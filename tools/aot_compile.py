@@ -112,9 +112,18 @@ def engine_slots(args, devices, hbm) -> dict | None:
             f'(compiled in {time.perf_counter() - t:.0f} s)', flush=True)
     if not fits:
       break
-    best = {'slots': slots, 'memory_gib': mem}
+    prev, best = best, {'slots': slots, 'memory_gib': mem}
     if not args.search:
       break
+    if prev and hbm:
+      # Memory grows linearly in slots; a doubling predicted far past HBM is not compiled
+      # (libtpu 0.0.42.1 crashed with a stack overflow compiling the 8B program at 512 slots).
+      step = (mem['peak'] - prev['memory_gib']['peak']) / (slots - prev['slots'])
+      predicted = mem['peak'] + step * slots
+      if predicted * GiB > 1.1 * hbm:
+        print(f'{2 * slots} slots: predicted peak {predicted:.1f} GiB > HBM '
+              f'{hbm / GiB:.0f} GiB (linear in slots), not compiled', flush=True)
+        break
     slots *= 2
   if best:
     print(f'picked {best["slots"]} slots: peak {best["memory_gib"]["peak"]:.2f} GiB per chip',
