@@ -27,6 +27,7 @@ setup(
         'tensorboardX>=2.6',  # training metrics as TensorBoard event files
         'pyarrow>=15',  # Parquet training data
         'tokenizers>=0.20',  # tokenizer.json for training data
+        'qwix==0.1.8',  # LoRA adapters (illada_jax.lora)
     ],
     extras_require={
         # torch 2.13.0 (CPU) is the wheel this machine carries; transformers

@@ -34,7 +34,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 
 from illada_jax import model as model_lib
 from illada_jax.checkpoint import store as ckpt_store
@@ -89,23 +88,21 @@ def resolve_config(cfg):
   return dataclasses.replace(cfg, init_from=ckpt, model=model, data=data)
 
 
-def init_state(cfg, tx, shardings) -> dict:
-  """Train state from `cfg.init_from`: restored params, fresh `tx.init`, step 0.
+def restore_params(cfg, mesh):
+  """The weights of `cfg.init_from`, restored by Orbax straight into their shards on `mesh`
+  (`cfg.sharding_rules`) and cast to `cfg.model.param_dtype`; no host copy of the model.
 
-  `shardings` is the run's state sharding pytree (`train.state_shardings`);
-  its mesh is the run's. The checkpoint always holds the scanned layout; a
-  run with `scan_layers=False` gets it unstacked on device.
+  The checkpoint always holds the scanned layout; a run with `scan_layers=False`
+  gets it unstacked on device.
   """
-  p_shard = shardings['params']
-  mesh = jax.tree.leaves(p_shard)[0].mesh
   scanned = cfg.model.replace(scan_layers=True)
   target = model_lib.abstract_params(scanned, mesh, cfg.sharding_rules)
   params = ckpt_store.restore_params(cfg.init_from, target)
   if not cfg.model.scan_layers:
+    p_shard = model_lib.param_shardings(cfg.model, mesh, cfg.sharding_rules)
     params = jax.jit(lambda p: model_lib.unstack_layers(p, cfg.model.num_layers),
                      out_shardings=p_shard)(params)
-  return {'step': jax.device_put(jnp.zeros((), jnp.int32), shardings['step']), 'params': params,
-          'opt_state': jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)}
+  return params
 
 
 def tokenizer_source(cfg) -> tuple[str | None, str | None]:

@@ -128,9 +128,10 @@ def chunked_cross_entropy(cfg: ModelConfig, params, x_BLD, targets_BL, weights_B
   return from_chunks(wce_NBC), from_chunks(correct_NBC)
 
 
-def _trunk(cfg: ModelConfig, params, noisy_BL, attention_mask_BL):
-  return Transformer(cfg).apply({'params': params}, noisy_BL, attention_mask_BL,
-                                method=Transformer.hidden)
+def _trunk(cfg: ModelConfig, params, noisy_BL, attention_mask_BL, model=None):
+  # By name, so that a wrapped model's own `hidden` runs (the LoRA model of `illada_jax.lora`).
+  return (model or Transformer(cfg)).apply({'params': params}, noisy_BL, attention_mask_BL,
+                                           method='hidden')
 
 
 def _metrics(loss, wce_BL, correct_BL, masked_BL):
@@ -144,23 +145,24 @@ def _metrics(loss, wce_BL, correct_BL, masked_BL):
 
 
 def pretrain_loss(cfg: ModelConfig, params, tokens_BL, key, *, eps: float = 1e-3,
-                  random_length_prob: float = 0.01, chunk: int = 512,
+                  random_length_prob: float = 0.01, chunk: int = 512, model=None,
                   ) -> tuple[jax.Array, dict[str, Any]]:
   """Pre-training loss `sum_masked CE / p_b / (B * L_eff)` and metrics.
 
   `tokens_BL` int `[B, L]`; returns (scalar float32 loss, metrics dict of
   float32 scalars: loss, masked_tokens, masked_accuracy, masked_ce — the
-  unweighted mean CE over masked positions).
+  unweighted mean CE over masked positions). `model`: the Linen module
+  `params` belong to (default `Transformer(cfg)`; LoRA passes its own).
   """
   noise = draw_noise(key, tokens_BL, cfg.mask_token_id, eps=eps,
                      random_length_prob=random_length_prob)
-  return pretrain_loss_from_noise(cfg, params, tokens_BL, noise, chunk=chunk)
+  return pretrain_loss_from_noise(cfg, params, tokens_BL, noise, chunk=chunk, model=model)
 
 
 def pretrain_loss_from_noise(cfg: ModelConfig, params, tokens_BL, noise: Noise, *,
-                             chunk: int = 512):
+                             chunk: int = 512, model=None):
   """`pretrain_loss` for a given masking draw (deterministic; used by tests)."""
-  x_BLD = _trunk(cfg, params, noise.noisy_BL, noise.valid_BL)
+  x_BLD = _trunk(cfg, params, noise.noisy_BL, noise.valid_BL, model)
   weights_BL = noise.masked_BL.astype(f32) / noise.p_B[:, None]
   wce_BL, correct_BL = chunked_cross_entropy(cfg, params, x_BLD, tokens_BL, weights_BL, chunk)
   # L_eff * B = number of visible positions.
@@ -170,24 +172,26 @@ def pretrain_loss_from_noise(cfg: ModelConfig, params, tokens_BL, noise: Noise, 
 
 
 def sft_loss(cfg: ModelConfig, params, tokens_BL, response_mask_BL, key, *,
-             eps: float = 1e-3, chunk: int = 512) -> tuple[jax.Array, dict[str, Any]]:
+             eps: float = 1e-3, chunk: int = 512, model=None,
+             ) -> tuple[jax.Array, dict[str, Any]]:
   """SFT loss `(1/B) sum_b sum_masked CE / (p_b * R_b)` and metrics.
 
   `tokens_BL` int `[B, L]` is `[prompt | response | EOS ... EOS]`;
   `response_mask_BL` is 1 on the response and its EOS padding (R_b of them),
-  0 on the prompt (never masked).
+  0 on the prompt (never masked). `model` as in `pretrain_loss`.
   """
   maskable_BL = response_mask_BL.astype(bool)
   noise = draw_noise(key, tokens_BL, cfg.mask_token_id, eps=eps, maskable_BL=maskable_BL)
-  return sft_loss_from_noise(cfg, params, tokens_BL, response_mask_BL, noise, chunk=chunk)
+  return sft_loss_from_noise(cfg, params, tokens_BL, response_mask_BL, noise, chunk=chunk,
+                             model=model)
 
 
 def sft_loss_from_noise(cfg: ModelConfig, params, tokens_BL, response_mask_BL, noise: Noise,
-                        *, chunk: int = 512):
+                        *, chunk: int = 512, model=None):
   """`sft_loss` for a given masking draw (deterministic; used by tests)."""
   b = tokens_BL.shape[0]
   r_B = jnp.maximum(jnp.sum(response_mask_BL.astype(f32), axis=1), 1.0)
-  x_BLD = _trunk(cfg, params, noise.noisy_BL, None)
+  x_BLD = _trunk(cfg, params, noise.noisy_BL, None, model)
   weights_BL = noise.masked_BL.astype(f32) / (noise.p_B * r_B)[:, None]
   wce_BL, correct_BL = chunked_cross_entropy(cfg, params, x_BLD, tokens_BL, weights_BL, chunk)
   loss = jnp.sum(wce_BL) / b

@@ -57,9 +57,31 @@ def _param(module: nn.Module, name: str, shape, names, init=None):
                       module.cfg.weight_dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _dimension_numbers(spec: str):
+  """`lax.dot_general` dimension numbers of a contraction `spec` (no batch axes).
+
+  The output must be x's free axes then w's, in order (true of every
+  projection here); anything else raises ValueError.
+  """
+  ins, out = spec.split('->')
+  xs, ws = ins.split(',')
+  shared = [c for c in xs if c in ws]
+  if out != ''.join(c for c in xs if c not in shared) + ''.join(c for c in ws if c not in shared):
+    raise ValueError(f'{spec}: output is not x free axes + w free axes')
+  return (tuple(xs.index(c) for c in shared), tuple(ws.index(c) for c in shared)), ((), ())
+
+
 def _matmul(spec: str, x, w, dtype):
-  """einsum with `dtype` inputs and float32 accumulation, rounded to `dtype`."""
-  return jnp.einsum(spec, x, w.astype(dtype), preferred_element_type=f32).astype(dtype)
+  """`einsum(spec, x, w)` with `dtype` inputs and float32 accumulation, rounded to `dtype`.
+
+  Written as `lax.dot_general` (the same op einsum lowers to): qwix's LoRA
+  (`illada_jax.lora`) intercepts `dot_general` on the projection weights;
+  its einsum path sets an attribute on the calling module, which Linen
+  forbids outside `setup`.
+  """
+  return jax.lax.dot_general(x, w.astype(dtype), _dimension_numbers(spec),
+                             preferred_element_type=f32).astype(dtype)
 
 
 def rms_norm(x, scale, eps: float):

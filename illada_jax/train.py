@@ -1,6 +1,9 @@
 """The training loop: one jitted, donated step over a sharded state, Orbax checkpoints.
 
   state = {'step': int32 [], 'params': Params, 'opt_state': optax state}
+  LoRA (`cfg.lora.rank > 0`): 'params' holds the adapters only, and
+  state['base'] the frozen base weights (no gradient, no optimizer state,
+  not checkpointed: `base_params` makes them again on resume).
 
 `make_train_step` builds a pure `(state, batch) -> (state, metrics)`:
 the global batch `[B, L]` is split into `grad_accum` micro-batches that a
@@ -44,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from illada_jax import finetune
 from illada_jax import flops as flops_lib
+from illada_jax import lora as lora_lib
 from illada_jax import loss as loss_lib
 from illada_jax import model as model_lib
 from illada_jax import optimizer as opt_lib
@@ -69,7 +73,9 @@ def batch_sharding(mesh, rules=sharding.RULES) -> NamedSharding:
 
 def state_shardings(cfg: TrainConfig, mesh, tx: optax.GradientTransformation):
   """(abstract state with shardings, sharding pytree) on `mesh` under `cfg.sharding_rules`."""
-  p_abs = model_lib.abstract_params(cfg.model, mesh, cfg.sharding_rules)
+  m_abs = model_lib.abstract_params(cfg.model, mesh, cfg.sharding_rules)
+  p_abs = (lora_lib.abstract_adapters(cfg.model, cfg.lora, mesh, cfg.sharding_rules)
+           if cfg.lora.rank else m_abs)
   p_shard = jax.tree.map(lambda x: x.sharding, p_abs)
   o_abs = jax.eval_shape(tx.init, p_abs)
   replicated = NamedSharding(mesh, P())
@@ -80,26 +86,54 @@ def state_shardings(cfg: TrainConfig, mesh, tx: optax.GradientTransformation):
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': p_abs, 'opt_state': o_abs}, shard)
+  if cfg.lora.rank:
+    abstract['base'] = m_abs
+    shard['base'] = jax.tree.map(lambda x: x.sharding, m_abs)
   return abstract, shard
 
 
+def base_params(cfg: TrainConfig, mesh):
+  """The model weights a run starts from, sharded on `mesh`: those of `cfg.init_from`
+  (`finetune.restore_params`: restored into their shards, cast to the run's
+  param dtype), else `init_params(key(seed))`."""
+  if cfg.init_from:
+    return finetune.restore_params(cfg, mesh)
+  return model_lib.init_params(cfg.model, jax.random.key(cfg.seed), mesh, cfg.sharding_rules)
+
+
 def init_state(cfg: TrainConfig, mesh, tx):
-  """A fresh, sharded train state: `init_params(key(seed))`, step 0, `tx.init`."""
+  """A fresh, sharded train state: `base_params`, step 0, `tx.init`.
+
+  LoRA: the base is frozen in state['base'] and 'params' are fresh adapters.
+  """
   _, shard = state_shardings(cfg, mesh, tx)
-  params = model_lib.init_params(cfg.model, jax.random.key(cfg.seed), mesh, cfg.sharding_rules)
-  return {'step': jax.device_put(jnp.zeros((), jnp.int32), shard['step']), 'params': params,
-          'opt_state': jax.jit(tx.init, out_shardings=shard['opt_state'])(params)}
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), shard['step']),
+           'params': base_params(cfg, mesh)}
+  if cfg.lora.rank:
+    state['base'] = state['params']
+    state['params'] = lora_lib.init_adapters(
+        cfg.model, cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), 1), mesh,
+        cfg.sharding_rules)
+  state['opt_state'] = jax.jit(tx.init, out_shardings=shard['opt_state'])(state['params'])
+  return state
 
 
-def loss_fn(cfg: TrainConfig, params, batch, key):
-  """Scalar loss and metrics of one micro-batch (`batch['tokens']` `[b, L]`)."""
+def loss_fn(cfg: TrainConfig, params, batch, key, base=None):
+  """Scalar loss and metrics of one micro-batch (`batch['tokens']` `[b, L]`).
+
+  With `base` (LoRA), `params` are the adapters and the model is `lora.lora_model`.
+  """
+  model = None
+  if base is not None:
+    params = lora_lib.combine(cfg.model, base, params)
+    model = lora_lib.lora_model(cfg.model, cfg.lora)
   if cfg.objective == 'pretrain':
     return loss_lib.pretrain_loss(cfg.model, params, batch['tokens'], key, eps=cfg.eps,
                                   random_length_prob=cfg.random_length_prob,
-                                  chunk=cfg.loss_chunk)
+                                  chunk=cfg.loss_chunk, model=model)
   if cfg.objective == 'sft':
     return loss_lib.sft_loss(cfg.model, params, batch['tokens'], batch['response_mask'], key,
-                             eps=cfg.eps, chunk=cfg.loss_chunk)
+                             eps=cfg.eps, chunk=cfg.loss_chunk, model=model)
   raise ValueError(f'objective={cfg.objective!r}; use pretrain or sft')
 
 
@@ -121,7 +155,8 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, mesh):
       micro = jax.tree.map(
           lambda x: jax.lax.with_sharding_constraint(
               x, NamedSharding(mesh, P(None, *batch_spec))), micro)
-      grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(cfg, p, b, k), has_aux=True)
+      base = state.get('base')  # LoRA: frozen, closed over by the loss, so not differentiated
+      grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(cfg, p, b, k, base), has_aux=True)
 
       def body(carry, xs):
         grads_acc, metrics_acc = carry
@@ -145,7 +180,10 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, mesh):
       # A finite loss with overflowing new parameters must not be checkpointed either.
       metrics['params_finite'] = jnp.all(jnp.stack(
           [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])).astype(jnp.float32)
-      return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+      new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+      if base is not None:
+        new['base'] = base
+      return new, metrics
 
   return step_fn
 
@@ -160,12 +198,12 @@ def jit_train_step(cfg: TrainConfig, tx, mesh):
 
 
 def make_eval_step(cfg: TrainConfig, mesh):
-  """`(params, batch, index) -> loss` with a fixed key per eval batch index."""
-  def eval_fn(params, batch, index):
+  """`(params, batch, index, base=None) -> metrics` with a fixed key per eval batch index."""
+  def eval_fn(params, batch, index, base=None):
     with sharding.activation_sharding(mesh, cfg.sharding_rules):
       key = jax.random.fold_in(jax.random.key(cfg.seed + 1), index)
       ecfg = dataclasses.replace(cfg, random_length_prob=0.0)
-      loss, metrics = loss_fn(ecfg, params, batch, key)
+      loss, metrics = loss_fn(ecfg, params, batch, key, base)
       return metrics
   return jax.jit(eval_fn)
 
@@ -194,7 +232,9 @@ def _stamp_model_config(mngr: ocp.CheckpointManager, cfg: TrainConfig):
     step_dir = os.path.join(str(mngr.directory), str(step))
     if os.path.isdir(step_dir) and not os.path.exists(
         os.path.join(step_dir, ckpt_store.CONFIG_FILE)):
-      finetune.stamp_step_dir(step_dir, cfg)
+      if cfg.lora.rank:  # params are adapters: say so, and which base they need
+        lora_lib.write_info(step_dir, cfg.lora, base=cfg.init_from, seed=cfg.seed)
+      finetune.stamp_step_dir(step_dir, cfg)  # last: its model_config.json marks the stamp
 
 
 def save(mngr, state, data_iter, cfg: TrainConfig, *, force: bool = False):
@@ -328,8 +368,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   latest = mngr.latest_step()
   if latest is not None:  # the run's own checkpoint wins over init_from
     state = restore(mngr, latest, abstract_state, data_iter)
-  elif cfg.init_from:
-    state = finetune.init_state(cfg, tx, shardings)
+    if cfg.lora.rank:
+      state['base'] = base_params(cfg, mesh)
   else:
     state = init_state(cfg, mesh, tx)
   start = int(jax.device_get(state['step']))
@@ -408,12 +448,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
       if step % cfg.log_every == 0:
         flush(step)
       if eval_fn is not None and step % cfg.eval_every == 0:
-        vals = [eval_fn(state['params'], _global_batch(b, mesh, cfg.sharding_rules), i)['loss']
-                for i, b in enumerate(eval_data)]
+        vals = [eval_fn(state['params'], _global_batch(b, mesh, cfg.sharding_rules), i,
+                        state.get('base'))['loss'] for i, b in enumerate(eval_data)]
         evals[step] = float(np.mean(jax.device_get(vals)))
         writer.write(step, {'eval_loss': evals[step]})
       if sampler is not None and step % cfg.eval_every == 0:
-        writer.write_samples(step, sampler(state['params']))
+        weights = (lora_lib.merge(cfg.lora, state['base'], state['params']) if cfg.lora.rank
+                   else state['params'])  # LoRA: the sampler runs the merged model
+        writer.write_samples(step, sampler(weights))
       preempted = _agree(stop.requested)
       if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or preempted:
         flush(step)

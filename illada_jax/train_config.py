@@ -14,6 +14,7 @@ import importlib.util
 import os
 
 from illada_jax import optimizer as opt_lib
+from illada_jax.lora import LoraConfig
 from illada_jax import sharding
 from illada_jax.config import DataConfig, ModelConfig
 from illada_jax.configs import models as presets
@@ -24,6 +25,8 @@ class TrainConfig:
   """Everything a training run needs. Config files define one as `CONFIG`."""
   model: ModelConfig = presets.ILLADA_TINY
   objective: str = 'pretrain'  # 'pretrain' or 'sft' (SPEC §4)
+  init_from: str = ''
+  lora: LoraConfig = LoraConfig()  # rank > 0: train low-rank adapters only, base frozen
   data: DataConfig = DataConfig()
   optimizer: opt_lib.OptimizerConfig = opt_lib.OptimizerConfig()
   batch_size: int = 32  # global rows per optimizer step

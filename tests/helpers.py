@@ -225,6 +225,7 @@ def write_train_config(path, cfg) -> str:
   with open(path, 'w') as f:
     f.write('from illada_jax.config import ModelConfig\n'
             'from illada_jax.data import DataConfig\n'
+            'from illada_jax.lora import LoraConfig\n'
             'from illada_jax.optimizer import OptimizerConfig\n'
             'from illada_jax.train_config import TrainConfig\n\n'
             f'CONFIG = {cfg!r}\n')

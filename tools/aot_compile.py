@@ -5,6 +5,11 @@
   python tools/aot_compile.py --preset illada_8b --topology v6e-256 --seq-len 8192 --search
   python tools/aot_compile.py --preset illada_8b --topology v5p-8 --mesh data=4 \
       --per-device-batch 0 --engine --search
+  python tools/aot_compile.py --config configs/illada_8b_lora.py --topology v6e-64 --search
+
+With `--config`, the run of a config file is compiled as it is (model,
+objective, seq_len, LoRA, optimizer, mesh) except for the batch, which is
+the per-device batch times the chips; the pre-training flags are ignored.
 
 Nothing runs: `jax.jit(...).lower(abstract inputs).compile()` against the
 topology's devices (libtpu is the compiler) catches sharding errors and
@@ -47,6 +52,9 @@ from illada_jax.sampling import SamplingOptions  # noqa: E402
 
 
 def train_config(args, n_devices: int, per_device_batch: int) -> train_lib.TrainConfig:
+  if getattr(args, 'config', None):
+    cfg = train_lib.load_config(args.config)
+    return dataclasses.replace(cfg, batch_size=per_device_batch * n_devices, grad_accum=1)
   model = get_preset(args.preset).replace(
       param_dtype=args.param_dtype, compute_dtype='bfloat16', remat_policy=args.remat,
       attention_impl=args.attention, scan_layers=True)
@@ -157,15 +165,24 @@ def try_batch(args, devices, hbm, per_device_batch: int) -> dict:
   return row
 
 
+def _what(args) -> str:
+  """The run compiled: the config file's name, or preset and sequence length."""
+  if getattr(args, 'config', None):
+    cfg = train_lib.load_config(args.config)
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    return f'{name} L={cfg.seq_len}'
+  return f'{args.preset} L={args.seq_len}'
+
+
 def _print_row(args, n, hbm, row):
   b = row['per_device_batch']
   if row['memory_gib'] is None:
-    print(f'{args.preset} {args.topology} ({n} chips) L={args.seq_len} per-device batch {b}: '
+    print(f'{_what(args)} {args.topology} ({n} chips) per-device batch {b}: '
           f'does not compile: {row["error"]}', flush=True)
     return
   m = row['memory_gib']
   hbm_txt = f' / HBM {hbm / GiB:.0f} GiB' if hbm else ''
-  print(f'{args.preset} {args.topology} ({n} chips) L={args.seq_len} per-device batch {b}: '
+  print(f'{_what(args)} {args.topology} ({n} chips) per-device batch {b}: '
         f'args {m["argument"]:.2f} GiB, out {m["output"]:.2f}, temp {m["temp"]:.2f}, '
         f'args+temp {m["argument"] + m["temp"]:.2f}, peak {m["peak"]:.2f} GiB{hbm_txt} -> {"fits" if row["fits"] else "DOES NOT FIT"} '
         f'(compiled in {row["compile_seconds"]:.0f}s)', flush=True)
@@ -198,6 +215,9 @@ def search(args, devices, hbm, start: int) -> list[dict]:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--preset', default='illada_8b')
+  ap.add_argument('--config', default=None,
+                  help='compile the train step of this TrainConfig file (e.g. '
+                       'configs/illada_8b_sft.py) instead of the pre-training flags')
   ap.add_argument('--topology', default='v5p-256',
                   help=f'one of {sorted(TOPOLOGIES)} or a descriptor like v5p:4x4x8')
   ap.add_argument('--seq-len', type=int, default=8192)
@@ -221,10 +241,19 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
 
   devices, hbm = topology_devices(args.topology)
-  print(f'{args.topology}: {len(devices)} chips ({devices[0].device_kind}), '
-        f'HBM {hbm / GiB if hbm else "?"} GiB per chip; params {args.param_dtype}, '
-        f'AdamW mu {args.state_dtype} / nu float32, remat {args.remat}, '
-        f'attention {args.attention}, loss chunk {args.loss_chunk}', flush=True)
+  head = f'{args.topology}: {len(devices)} chips ({devices[0].device_kind}), ' \
+         f'HBM {hbm / GiB if hbm else "?"} GiB per chip; '
+  if args.config:
+    c = train_lib.load_config(args.config)
+    lora = f'LoRA rank {c.lora.rank} (float32 adapters), ' if c.lora.rank else ''
+    print(head + f'{args.config}: {c.objective}, L={c.seq_len}, {lora}params '
+          f'{c.model.param_dtype}, AdamW mu {c.optimizer.state_dtype} / nu float32, remat '
+          f'{c.model.remat_policy}, attention {c.model.attention_impl}, loss chunk '
+          f'{c.loss_chunk}, mesh {c.mesh}', flush=True)
+  else:
+    print(head + f'params {args.param_dtype}, AdamW mu {args.state_dtype} / nu float32, '
+          f'remat {args.remat}, attention {args.attention}, loss chunk {args.loss_chunk}',
+          flush=True)
   if args.search:
     rows = search(args, devices, hbm, args.per_device_batch)
   elif args.per_device_batch > 0:

@@ -153,9 +153,13 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
   slice). Without, arrays land on this process's first device. If `cfg.scan_layers` is
   False the tree is returned in the `layers_{i}` layout. Raises
   FileNotFoundError if `path` has no `model_config.json`, ValueError naming
-  each parameter whose stored shape does not match it.
+  each parameter whose stored shape does not match it, or for a LoRA step
+  directory (adapters only: `merge_lora_checkpoint` first).
   """
   path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, 'lora.json')):  # illada_jax.lora.INFO_FILE
+    raise ValueError(f'{path}: holds LoRA adapters only; merge them into their base first '
+                     '(illada-convert merge-lora)')
   cfg = load_config(path)
   stored_cfg = cfg.replace(scan_layers=True)
   if mesh is None:

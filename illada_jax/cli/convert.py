@@ -2,8 +2,10 @@
 
   illada-convert hf-to-orbax SRC_DIR DST_DIR [--dtype bfloat16|float32] [--mesh data=1,fsdp=8,tensor=1] [--overwrite]
   illada-convert orbax-to-hf SRC_DIR DST_DIR [--shard-size 5GB] [--dtype bfloat16] [--overwrite]
+  illada-convert merge-lora STEP_DIR DST_DIR [--base BASE_DIR] [--overwrite]
 
-SRC_DIR of orbax-to-hf may be a training step directory (<workdir>/checkpoints/<step>).
+SRC_DIR of orbax-to-hf may be a training step directory (<workdir>/checkpoints/<step>);
+a LoRA run's step directory is merged into its base first (merge-lora).
 
 Exit status 0 on success, 2 on bad input or usage (message on stderr).
 """
@@ -37,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
                       'weights stores float32)')
   b.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
   b.add_argument('--quiet', action='store_true', help='no progress bar')
+  m = sub.add_parser('merge-lora', help="a LoRA run's step directory + its base -> checkpoint "
+                                        'directory (then orbax-to-hf exports it)')
+  m.add_argument('src', metavar='STEP_DIR')
+  m.add_argument('dst', metavar='DST_DIR')
+  m.add_argument('--base', default=None,
+                 help="base checkpoint directory (default: the run's init_from, from lora.json)")
+  m.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
   return p
 
 
@@ -48,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
   from illada_jax import checkpoint  # after parsing: --help stays fast
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes would break the progress bar
   try:
-    if args.command == 'hf-to-orbax':
+    if args.command == 'merge-lora':
+      cfg = checkpoint.merge_lora_checkpoint(args.src, args.dst, base_dir=args.base,
+                                             overwrite=args.overwrite)
+    elif args.command == 'hf-to-orbax':
       cfg = checkpoint.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh,
                                 overwrite=args.overwrite, progress=not args.quiet)
     else:
