@@ -36,7 +36,7 @@ import numpy as np
 from illada_jax import end_think, prompts, sampling, scoring, sharding
 from illada_jax.config import ModelConfig
 from illada_jax.sampling import SamplingOptions
-from illada_jax.scoring import ScoringOptions
+from illada_jax.scoring import ScoreRequest, Scored, ScoringOptions  # noqa: F401 (engine API)
 
 DEFAULT_SLOTS = 64
 
@@ -88,28 +88,6 @@ class Completion:
   finish_reason: str
   generated: int
   steps: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreRequest:
-  """Score `continuation_ids` after `context_ids` (SPEC §3); `seed` keys the MC masks."""
-  id: Any
-  context_ids: tuple[int, ...]
-  continuation_ids: tuple[int, ...]
-  options: ScoringOptions = ScoringOptions()
-  seed: int = 0
-
-
-@dataclasses.dataclass
-class Scored:
-  """`score`: MC estimate of `log p(continuation | context)`, or the confidence score.
-
-  is_greedy: lm-eval's greedy flag (suffix greedy prediction) when the
-  request's options ask for it (`check_greedy`), else None.
-  """
-  id: Any
-  score: float
-  is_greedy: bool | None = None
 
 
 @dataclasses.dataclass

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -423,3 +423,27 @@ def rolling_log_likelihood(cfg: ModelConfig, params, docs: Sequence[Sequence[int
                            seeds=window_seeds)
     np.add.at(out, owner, ll)
   return out
+
+
+# -- requests of the batch engine (`illada_jax.engine.Engine.score`) ---------------------
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+  """Score `continuation_ids` after `context_ids` (SPEC §3); `seed` keys the MC masks."""
+  id: Any
+  context_ids: tuple[int, ...]
+  continuation_ids: tuple[int, ...]
+  options: ScoringOptions = ScoringOptions()
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Scored:
+  """`score`: MC estimate of `log p(continuation | context)`, or the confidence score.
+
+  is_greedy: lm-eval's greedy flag (suffix greedy prediction) when the
+  request's options ask for it (`check_greedy`), else None.
+  """
+  id: Any
+  score: float
+  is_greedy: bool | None = None
