@@ -50,6 +50,7 @@ def checkpoint_model(run: ModelConfig, ckpt_dir: str) -> ModelConfig:
   Raises FileNotFoundError if `ckpt_dir` has no `model_config.json`,
   ValueError naming every field (outside `RUN_FIELDS`) where `run` differs.
   """
+  ckpt_store.check_not_lora(ckpt_dir)
   stored = ckpt_store.load_config(ckpt_dir)
   diffs = [f'model.{f.name}: run has {getattr(run, f.name)!r}, checkpoint has '
            f'{getattr(stored, f.name)!r}'

@@ -26,6 +26,11 @@ A chat row longer than L (`prompt + response > L`) follows `overlong`
       response stays whole. If not even one prompt token besides BOS would
       remain, the row is dropped.
   'drop': the row is dropped.
+A pair row (`prompt`/`response`) keeps its prompt and loses the end of a
+response that does not fit (one EOS kept); a pair whose prompt alone leaves
+no room for one response token is dropped. If the first `NO_ROW_LIMIT`
+records give no row at all, the pipeline raises ValueError (it would
+otherwise read the data forever without a batch).
 Each outcome is counted (`SftCounts`): the first truncated or dropped row is
 logged with its file and line, then a summary each time the count doubles;
 `illada_jax.data.sft_counts` returns the counts of a whole file set
@@ -179,6 +184,10 @@ def chat_turns(fmt: PromptFormat, tok, bos_id: int | None, messages: Sequence[di
   return out
 
 
+# Records read with every row dropped before the pipeline gives up (`SftRows`).
+NO_ROW_LIMIT = 4096
+
+
 class SftRows(grain.experimental.FlatMapTransform):
   """Located record `(where, record)` -> its SFT rows (0 or more), tallied in `counts`."""
 
@@ -215,6 +224,7 @@ class SftRows(grain.experimental.FlatMapTransform):
         if row is None:
           c.dropped += 1
           self._report('dropped', where, f'{len(prompt)} + {len(response)} tokens')
+          self._check_some_fit()
           continue
         if cut:
           c.truncated += 1
@@ -229,12 +239,21 @@ class SftRows(grain.experimental.FlatMapTransform):
     response = self.tok.encode(str(record[response_key]))
     bos = self.bos_id if self.add_bos else None
     c.rows += 1
+    if len(prompt) + (bos is not None) + 1 >= self.seq_len:  # not one response token fits
+      c.dropped += 1
+      self._report('dropped', where, f'pair prompt of {len(prompt)} tokens')
+      self._check_some_fit()
+      return []
     if len(prompt) + (bos is not None) + len(response) + 1 > self.seq_len:
       c.responses_cut += 1
-    try:
-      return [sft_row(prompt, response, self.seq_len, self.eos_id, bos)]
-    except ValueError as e:
-      raise ValueError(f'{where}: {e}') from None
+    return [sft_row(prompt, response, self.seq_len, self.eos_id, bos)]
+
+  def _check_some_fit(self):
+    # Every row dropped would make the pipeline loop over the data forever without a batch.
+    c = self.counts
+    if c.dropped == c.rows and c.records >= NO_ROW_LIMIT:
+      raise ValueError(f'no SFT row fits seq_len={self.seq_len} in the first {c.records} '
+                       f'records ({c.summary()}): raise seq_len or shorten the data')
 
   def _report(self, what: str, where: str, detail: str):
     n = getattr(self.counts, what)

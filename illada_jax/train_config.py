@@ -25,7 +25,6 @@ class TrainConfig:
   """Everything a training run needs. Config files define one as `CONFIG`."""
   model: ModelConfig = presets.ILLADA_TINY
   objective: str = 'pretrain'  # 'pretrain' or 'sft' (SPEC §4)
-  init_from: str = ''
   lora: LoraConfig = LoraConfig()  # rank > 0: train low-rank adapters only, base frozen
   data: DataConfig = DataConfig()
   optimizer: opt_lib.OptimizerConfig = opt_lib.OptimizerConfig()

@@ -109,3 +109,18 @@ def test_resume_restores_adapters_and_merge_exports_them(tmp_path):
   np.testing.assert_allclose(model_lib.forward(mcfg, merged, tokens), want, rtol=1e-5, atol=1e-5)
   assert os.path.exists(os.path.join(out, 'model_config.json'))
   assert convert_cli.main(['merge-lora', step_dir, out]) == 2  # exists, no --overwrite
+
+
+def test_a_lora_step_dir_is_refused_with_the_merge_hint_everywhere(tmp_path):
+  from illada_jax import finetune
+  from illada_jax.checkpoint.errors import ConversionError
+  step = tmp_path / 'step'
+  step.mkdir()
+  (step / 'lora.json').write_text('{}')
+  with pytest.raises(ConversionError, match='merge-lora'):
+    checkpoint.orbax_to_hf(str(step), str(tmp_path / 'hf'))
+  with pytest.raises(ValueError, match='merge-lora'):
+    finetune.checkpoint_model(LLADA, str(step))
+  with pytest.raises(ValueError, match='merge-lora'):
+    checkpoint.load_checkpoint(str(step))
+  assert not (tmp_path / 'hf').exists()

@@ -296,3 +296,21 @@ def test_sft_on_chat_records_through_the_train_loop(tmp_path):
   assert out['final_step'] == 16 and all(math.isfinite(x) for x in out['losses'].values())
   assert out['eval'][16] < out['eval'][8], out['eval']
   assert os.path.isdir(out['checkpoint_dir'])
+
+
+def test_pair_prompts_too_long_are_dropped_and_all_dropped_is_an_error(tmp_path, monkeypatch):
+  """A pair whose prompt leaves no room for a response token is dropped and counted (not a
+  crash that a resume would hit again); a data set where no row fits raises instead of
+  reading forever."""
+  tok = _llada_tok(tmp_path)
+  short, long = {'prompt': 'hi', 'response': 'ok'}, {'prompt': 'hi ' * 40, 'response': 'ok'}
+  path = write_jsonl(tmp_path / 'pairs.jsonl', [short, long, short])
+  cfg = data.DataConfig(paths=(path,), tokenizer=tok, shuffle=False)
+  counts = data.sft_counts(cfg, seq_len=16)
+  assert (counts.records, counts.rows, counts.dropped) == (3, 3, 1)
+  assert len(_rows(cfg, 16)) == 2
+  monkeypatch.setattr(sft_rows, 'NO_ROW_LIMIT', 2)
+  only_long = data.DataConfig(paths=(write_jsonl(tmp_path / 'long.jsonl', [long] * 3),),
+                              tokenizer=tok, shuffle=False)
+  with pytest.raises(ValueError, match='no SFT row fits seq_len=16'):
+    data.sft_counts(only_long, seq_len=16)

@@ -173,6 +173,10 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
     raise ConversionError(f'--dtype {dtype}: expected bfloat16, float32 or float16')
   _check_apart(src_dir, dst_dir)
   src = os.path.abspath(src_dir)
+  try:
+    store.check_not_lora(src)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
   shard_bytes = parse_size(shard_size)
   try:
     cfg = store.load_config(src)

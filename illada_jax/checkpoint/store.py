@@ -144,6 +144,13 @@ def restore_params(path: str | os.PathLike, abstract) -> Any:
   return ocp.StandardCheckpointer().restore(params_dir(path), abstract)
 
 
+def check_not_lora(path: str) -> None:
+  """Raises ValueError if `path` is a LoRA run's step directory (adapters only, no base)."""
+  if os.path.exists(os.path.join(path, 'lora.json')):  # illada_jax.lora.INFO_FILE
+    raise ValueError(f'{path}: holds LoRA adapters only; merge them into their base first '
+                     '(illada-convert merge-lora STEP_DIR DST_DIR)')
+
+
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
                     rules=sharding_lib.RULES) -> tuple[ModelConfig, Any]:
   """Restores `(cfg, params)` from checkpoint directory `path`.
@@ -157,9 +164,7 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
   directory (adapters only: `merge_lora_checkpoint` first).
   """
   path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, 'lora.json')):  # illada_jax.lora.INFO_FILE
-    raise ValueError(f'{path}: holds LoRA adapters only; merge them into their base first '
-                     '(illada-convert merge-lora)')
+  check_not_lora(path)
   cfg = load_config(path)
   stored_cfg = cfg.replace(scan_layers=True)
   if mesh is None:
