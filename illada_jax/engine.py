@@ -19,6 +19,10 @@ tokens, seed and temperature are per-request data. Each slot keeps its own
 RoPE positions (`0..p-1` for its prompt), key mask and seed, so a request's
 tokens do not depend on its batch companions, its slot, or when it was
 admitted (SPEC §2, per-request independence).
+
+Who runs at each block boundary is decided by `illada_jax.scheduler`, the one
+loop behind offline generation (`generate`, jobs, lm-eval) and the server
+(`start` + `submit`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import queue
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -33,9 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from illada_jax import end_think, prompts, sampling, scoring, sharding
+from illada_jax import end_think, sampling, scoring, sharding
 from illada_jax.config import ModelConfig
 from illada_jax.sampling import SamplingOptions
+from illada_jax.scheduler import Completion, Event, Handle, Scheduler  # noqa: F401 (engine API)
 from illada_jax.scoring import ScoreRequest, Scored, ScoringOptions  # noqa: F401 (engine API)
 
 DEFAULT_SLOTS = 64
@@ -72,53 +78,22 @@ class Request:
 
 
 @dataclasses.dataclass
-class Completion:
-  """A finished request: `text` is cut at EOS/EOT, `max_new_tokens` and the first stop string
-  (then, with `options.after_think`, reduced to what follows the end-of-thinking marker).
-
-  finish_reason: 'eos' (EOS/EOT), 'stop' (a stop string), 'length' (max new
-  tokens or the generation limit). token_ids: the ids behind `text` (before
-  `after_think`: the whole completion).
-  generated: positions the sampler denoised for this request (whole blocks).
-  steps: model calls in which the request had masked positions.
-  """
-  id: Any
-  text: str
-  token_ids: list[int]
-  finish_reason: str
-  generated: int
-  steps: int
-
-
-@dataclasses.dataclass
 class EngineStats:
   """Counters since the engine was made (seconds are wall time)."""
   compiles: int = 0
   blocks: int = 0  # block programs run
   widenings: int = 0  # pools widened to a larger bucket with requests live
-  requests: int = 0
+  requests: int = 0  # finished (not cancelled) generation requests
+  cancelled: int = 0
   output_tokens: int = 0  # tokens behind the returned texts
   generated_tokens: int = 0  # positions denoised for finished requests
   wait_seconds: float = 0.  # host blocked on the device
-  seconds: float = 0.  # wall time inside `generate`
+  seconds: float = 0.  # wall time inside scheduler steps (idle waits of a server excluded)
 
   @property
   def host_share(self) -> float:
     """Fraction of wall time the host spent outside device waits (dispatch, admission, stops)."""
     return 1. - self.wait_seconds / self.seconds if self.seconds else 0.
-
-
-# Per-column canvas fields and the value of an idle column (pad token, position 0, hidden,
-# counted as prompt, never committed), in `Engine._widen`'s order.
-_COLUMN_FIELDS = ('x_BL', 'pos_BL', 'visible_BL', 'prompt_BL', 'step_BL')
-
-
-@dataclasses.dataclass
-class _Live:
-  request: Request
-  limit_blocks: int
-  tokens: list = dataclasses.field(default_factory=list)
-  steps: int = 0
 
 
 def _block_program(cfg: ModelConfig, mesh, o: SamplingOptions, bucket: int, count: Callable,
@@ -192,14 +167,19 @@ class Engine:
   """Continuously batched generation over a fixed pool of slots.
 
     engine = Engine(cfg, params, tokenizer=tok, slots=64)
-    for done in engine.generate(requests):   # in completion order
+    for done in engine.generate(requests):   # offline, in completion order
       print(done.id, done.text)
+
+    engine.start()                           # online: a thread runs the scheduler
+    handle = engine.submit(request, stream=True)
+    for event in handle: print(event.text, end='')   # block by block
+    engine.stop()
 
   `params` may live on a mesh: slots are split over its data/fsdp axes
   (`slots` must be divisible by their product). `tokenizer` (with `decode`
-  and `vocab_size`) is needed for stop strings; ids >= its `vocab_size`
-  (padded embedding rows) are never sampled. `buckets` are the static
-  prompt lengths (default: powers of two up to `cfg.max_len`).
+  and `vocab_size`) is needed for stop strings and streaming; ids >= its
+  `vocab_size` (padded embedding rows) are never sampled. `buckets` are the
+  static prompt lengths (default: powers of two up to `cfg.max_len`).
   """
 
   def __init__(self, cfg: ModelConfig, params, *, tokenizer=None, slots: int = DEFAULT_SLOTS,
@@ -215,7 +195,8 @@ class Engine:
     self.stats = EngineStats()
     self._programs: dict = {}
     self._wideners: dict = {}
-    self._ends = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
+    self.end_ids = frozenset(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None)
+    self.scheduler = Scheduler(self)
 
   # -- settings --------------------------------------------------------------
   def options_for(self, options: SamplingOptions) -> SamplingOptions:
@@ -262,7 +243,15 @@ class Engine:
     if o.after_think and self.tokenizer is None:
       raise ValueError('SamplingOptions.after_think needs a tokenizer')
 
-  def _program(self, o: SamplingOptions, bucket: int):
+  def limit_blocks(self, o: SamplingOptions, prompt_len: int) -> int:
+    """Blocks a request may generate: all of them, or under variable length those that fit
+    before `max_len` (SPEC §2)."""
+    if o.variable_length:
+      return min(o.num_blocks, (self.cfg.max_len - prompt_len) // o.block_length)
+    return o.num_blocks
+
+  def program(self, o: SamplingOptions, bucket: int):
+    """The (cached) jitted block program of `o`'s settings at prompt bucket `bucket`."""
     key = (o.program_key(), bucket)
     if key not in self._programs:
       def count():
@@ -270,7 +259,10 @@ class Engine:
       self._programs[key] = block_program(self.cfg, o, bucket, self.mesh, count)
     return self._programs[key]
 
-  def _put(self, tree):
+  def idle_canvas(self, o: SamplingOptions, slots: int, bucket: int):
+    return block_inputs(self.cfg, o, slots, bucket)[0]
+
+  def put(self, tree):
     """Device arrays, the slot axis split over the mesh's batch axes."""
     if self.mesh is None:
       return jax.device_put(tree)
@@ -279,157 +271,77 @@ class Engine:
       return jax.device_put(a, jax.NamedSharding(self.mesh, sharding.logical_to_spec(names)))
     return jax.tree.map(place, tree)
 
+  def decode(self, ids) -> str:
+    return '' if self.tokenizer is None else self.tokenizer.decode(ids)
+
+  def warmup(self, options: SamplingOptions) -> int:
+    """Compiles and runs once, on an idle pool, the block programs of `options`' settings
+    group for every bucket (argmax and sampling). Returns the programs compiled."""
+    before = self.stats.compiles
+    o = self.options_for(options)
+    for bucket in self.buckets:
+      for t in (0., 1.):
+        args = self.put(block_inputs(self.cfg, o, self.slots, bucket))
+        jax.block_until_ready(self.program(o.replace(temperature=t), bucket)(self.params, *args))
+    return self.stats.compiles - before
+
   # -- generation --------------------------------------------------------------
+  def prepare(self, request: Request) -> Request:
+    """The request with `options_for` applied, checked (ValueError naming the reason)."""
+    request = dataclasses.replace(request, options=self.options_for(request.options))
+    self.check(request)
+    return request
+
+  def submit(self, request: Request, *, stream: bool = False, on_event=None) -> Handle:
+    """Queues one request (thread-safe) and returns its `Handle` (see `scheduler.Handle`).
+
+    It runs once a scheduler steps: `start()`'s thread, or a `generate` call.
+    Raises ValueError (naming the reason) for a request that cannot run.
+    """
+    handle = Handle(self.prepare(request), stream=stream, on_event=on_event)
+    return self.scheduler.submit(handle)
+
+  def start(self) -> None:
+    """Runs the scheduler on a background thread (a server): submitted requests run as
+    soon as slots free up, at block boundaries."""
+    self.scheduler.start()
+
+  def stop(self, timeout: float | None = None) -> None:
+    """Stops the background scheduler; requests still queued or live end with an error."""
+    self.scheduler.stop(timeout)
+
   def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
     """Runs every request; yields each `Completion` as soon as its request is done.
 
     Raises ValueError for a request that cannot run (see `check`) before
-    anything is computed.
+    anything is computed. The requests go through the scheduler: on this
+    thread, or on `start()`'s thread when it runs. Requests not yet done when
+    the caller stops iterating are cancelled.
     """
-    groups: dict = collections.OrderedDict()
-    for req in requests:
-      req = dataclasses.replace(req, options=self.options_for(req.options))
-      self.check(req)
-      key = req.options.program_key()
-      groups.setdefault(key, collections.defaultdict(collections.deque))
-      groups[key][self.bucket_of(len(req.prompt_ids))].append(req)
-    start = time.perf_counter()
+    reqs = [self.prepare(r) for r in requests]
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    def deliver(event):
+      if event.completion is not None or event.error is not None:
+        done.put(event)
+    handles = [self.scheduler.submit(Handle(r, on_event=deliver)) for r in reqs]
+    left = len(handles)
     try:
-      for group, queues in groups.items():
-        yield from self._run_group(group, queues)
-    finally:
-      self.stats.seconds += time.perf_counter() - start
-
-  def _limit_blocks(self, o: SamplingOptions, p: int) -> int:
-    if o.variable_length:
-      return min(o.num_blocks, (self.cfg.max_len - p) // o.block_length)
-    return o.num_blocks
-
-  def _widen(self, canvas, bucket: int, new: int):
-    """The pool's canvas with `new - bucket` idle columns put before every row."""
-    key = (bucket, new)
-    if key not in self._wideners:
-      pad = (self.cfg.pad_token_id, 0, False, True, -1)
-      def widen(c):
-        cols = lambda a, v: jnp.pad(a, ((0, 0), (new - bucket, 0)), constant_values=v)
-        return c.replace(**{f: cols(getattr(c, f), v) for f, v in zip(_COLUMN_FIELDS, pad)})
-      self._wideners[key] = jax.jit(widen)
-    return self._wideners[key](canvas)
-
-  def _run_group(self, o: SamplingOptions, queues) -> Iterator[Completion]:
-    """Continuous batching of one settings group, from its smallest bucket to its largest.
-
-    The pool starts at the smallest bucket with requests. When no waiting
-    request fits the current width and slots are free, the canvas is widened
-    to the next bucket (idle columns before the prompts: positions and key
-    masks are per row, so live rows compute the same tokens) as soon as that
-    moves more rows per computed column; the pool drains only once, at the end.
-    """
-    order = sorted(b for b in queues if queues[b])
-    if not order:
-      return
-    n, w, g = self.slots, o.block_length, o.gen_length
-    bucket = order[0]
-    canvas = None
-    live: list[_Live | None] = [None] * n
-    while True:
-      free = [s for s in range(n) if live[s] is None]
-      fits = [queues[b] for b in order if b <= bucket and queues[b]]
-      larger = [b for b in order if b > bucket and queues[b]]
-      if free and not fits and larger:
-        busy, waiting = n - len(free), sum(len(queues[b]) for b in larger)
-        gain = min(len(free), waiting)
-        # Rows per column before and after widening: (busy)/(bucket+G) vs (busy+gain)/(new+G).
-        if busy == 0 or (busy + gain) * (bucket + g) >= busy * (larger[0] + g):
-          if busy:
-            canvas = self._widen(canvas, bucket, larger[0])
-            self.stats.widenings += 1
-          else:
-            canvas = None
-          bucket = larger[0]
-          fits = [queues[b] for b in order if b <= bucket and queues[b]]
-      if canvas is None:
-        canvas = self._put(block_inputs(self.cfg, o, n, bucket)[0])
-      program = self._program(o, bucket)
-      admit = np.zeros((n,), bool)
-      rows, seeds, temps = [[] for _ in range(n)], np.zeros((n,), np.uint32), np.zeros((n,), np.float32)
-      limits = np.zeros((n,), np.int32)
-      for s in free:
-        source = next((q for q in fits if q), None)
-        if source is None:
-          break
-        req = source.popleft()
-        live[s] = _Live(req, self._limit_blocks(req.options, len(req.prompt_ids)))
-        admit[s] = True
-        rows[s] = req.prompt_ids
-        seeds[s] = req.seed % 2 ** 32
-        temps[s] = req.options.temperature
-        limits[s] = live[s].limit_blocks * w
-      if not any(live):
-        break
-      prompt, mask = prompts.left_pad(rows, self.cfg.pad_token_id, width=bucket)
-      active = np.array([x is not None for x in live])
-      inputs = self._put((admit, prompt, mask, seeds, temps, limits, active))
-      canvas, block_BW, calls_B = program(self.params, canvas, *inputs)
-      wait = time.perf_counter()
-      block_BW, calls_B = np.asarray(block_BW).tolist(), np.asarray(calls_B).tolist()
-      self.stats.wait_seconds += time.perf_counter() - wait
-      self.stats.blocks += 1
-      for s, x in enumerate(live):
-        if x is None:
+      while left:
+        if done.empty() and not self.scheduler.running:
+          if not self.scheduler.step() and done.empty():
+            raise RuntimeError('engine: the scheduler has nothing to run but requests are not done')
           continue
-        x.tokens.extend(block_BW[s])
-        x.steps = calls_B[s]
-        done = self._finish(x)
-        if done is not None:
-          live[s] = None
-          self.stats.requests += 1
-          self.stats.output_tokens += len(done.token_ids)
-          self.stats.generated_tokens += done.generated
-          yield done
-
-  def _finish(self, x: _Live) -> Completion | None:
-    """The completion if the request is done after its latest block, else None."""
-    req, gen = x.request, x.tokens
-    end = next((i for i, t in enumerate(gen) if t in self._ends), None)
-    ids = gen if end is None else gen[:end]
-    limit = req.max_new_tokens
-    if limit is not None:
-      ids = ids[:limit]
-    text = self._decode(ids) if req.stop else None
-    cut = None if text is None else prompts.cut_at_stops(text, req.stop)
-    if cut is not None and len(cut) < len(text):
-      reason, text = 'stop', cut
-      ids = self._ids_behind(ids, text)
-    elif end is not None and (limit is None or end <= limit):
-      reason = 'eos'
-    elif ((limit is not None and len(gen) >= limit)
-          or len(gen) >= x.limit_blocks * req.options.block_length):
-      reason = 'length'
-    else:
-      return None
-    if text is None:
-      text = self._decode(ids)
-    if req.options.after_think:
-      text = end_think.answer(text, req.options.end_think, self.tokenizer)
-    return Completion(id=req.id, text=text, token_ids=list(ids), finish_reason=reason,
-                      generated=len(gen), steps=x.steps)
-
-  def _decode(self, ids) -> str:
-    if self.tokenizer is None:
-      return ''
-    return self.tokenizer.decode(ids)
-
-  def _ids_behind(self, ids, text: str) -> list:
-    """The shortest prefix of `ids` whose text covers `text` (binary search on decoded length)."""
-    lo, hi = 0, len(ids)
-    while lo < hi:
-      mid = (lo + hi) // 2
-      if len(self._decode(ids[:mid])) >= len(text):
-        hi = mid
-      else:
-        lo = mid + 1
-    return list(ids[:lo])
+        event = done.get()
+        left -= 1
+        if event.error is not None:
+          raise event.error
+        yield event.completion
+    finally:
+      for h in handles:
+        if not h.done:
+          h.cancel()
+      if not self.scheduler.running:
+        self.scheduler.step()  # frees the cancelled rows now
 
   # -- scoring -----------------------------------------------------------------
   def _score_row(self, o: ScoringOptions) -> tuple[tuple, tuple]:
@@ -450,11 +362,25 @@ class Engine:
     `mc_batch` rows (MC); a short batch is filled with copies whose scores
     are dropped. With `check_greedy`, the same batch also gets its
     `is_greedy` flags. Yields results batch by batch. Raises ValueError for
-    a request that cannot be scored, before anything is computed.
+    a request that cannot be scored, before anything is computed. Runs on
+    the scheduler's thread between blocks when it runs, else on this one.
     """
-    groups: dict = collections.OrderedDict()
-    for req in requests:
+    reqs = list(requests)
+    for req in reqs:
       self.check_score(req)
+    if not self.scheduler.running:
+      yield from self.score_batches(reqs)
+      return
+    job = self.scheduler.submit_scores(reqs)
+    while (item := job.results.get()) is not None:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+
+  def score_batches(self, reqs: list[ScoreRequest]) -> Iterator[Scored]:
+    """`score`'s computation on checked requests (called by the scheduler)."""
+    groups: dict = collections.OrderedDict()
+    for req in reqs:
       prefix, suffix = self._score_row(req.options)
       pair = (req.context_ids, req.continuation_ids)
       length = self.bucket_of(scoring.row_length(self.cfg, pair, prefix, suffix))
@@ -462,27 +388,30 @@ class Engine:
       groups.setdefault((req.options, length, answer), []).append(req)
     start = time.perf_counter()
     try:
-      for (o, length, answer), reqs in groups.items():
-        per_call = max(1, self.slots // o.mc_batch) if o.method == 'mc' else self.slots
-        self.stats.compiles += 1  # one static signature per (options, length, answer)
-        for lo in range(0, len(reqs), per_call):
-          part = reqs[lo:lo + per_call]
-          full = part + [part[-1]] * (per_call - len(part))
-          pairs = [(r.context_ids, r.continuation_ids) for r in full]
-          rows = dict(add_bos=o.add_bos, padd_eos=o.padd_eos, cfg_scale=o.cfg_scale,
-                      length=length, answer=answer)
-          if o.method == 'mc':
-            out = scoring.mc_log_likelihood(
-                self.cfg, self.params, pairs, mc_num=o.mc_num, batch_size=o.mc_batch,
-                seeds=[r.seed for r in full], **rows)
-          else:
-            out = scoring.confidence_score(self.cfg, self.params, pairs, **rows)
-          greedy = [None] * len(part)
-          if o.check_greedy:
-            greedy = [bool(g) for g in scoring.greedy_match(self.cfg, self.params, pairs, **rows)]
-          self.stats.blocks += 1
-          for r, value, g in zip(part, out, greedy):
-            self.stats.requests += 1
-            yield Scored(r.id, float(value), g)
+      for (o, length, answer), group in groups.items():
+        yield from self._score_group(o, length, answer, group)
     finally:
       self.stats.seconds += time.perf_counter() - start
+
+  def _score_group(self, o: ScoringOptions, length: int, answer: int, reqs: list):
+    per_call = max(1, self.slots // o.mc_batch) if o.method == 'mc' else self.slots
+    self.stats.compiles += 1  # one static signature per (options, length, answer)
+    for lo in range(0, len(reqs), per_call):
+      part = reqs[lo:lo + per_call]
+      full = part + [part[-1]] * (per_call - len(part))
+      pairs = [(r.context_ids, r.continuation_ids) for r in full]
+      rows = dict(add_bos=o.add_bos, padd_eos=o.padd_eos, cfg_scale=o.cfg_scale,
+                  length=length, answer=answer)
+      if o.method == 'mc':
+        out = scoring.mc_log_likelihood(
+            self.cfg, self.params, pairs, mc_num=o.mc_num, batch_size=o.mc_batch,
+            seeds=[r.seed for r in full], **rows)
+      else:
+        out = scoring.confidence_score(self.cfg, self.params, pairs, **rows)
+      greedy = [None] * len(part)
+      if o.check_greedy:
+        greedy = [bool(g) for g in scoring.greedy_match(self.cfg, self.params, pairs, **rows)]
+      self.stats.blocks += 1
+      for r, value, g in zip(part, out, greedy):
+        self.stats.requests += 1
+        yield Scored(r.id, float(value), g)

@@ -232,7 +232,8 @@ def candidates(cfg: ModelConfig, o: SamplingOptions, logits_BWV, key_B, temp_B):
   """Candidate tokens `x0` int32 `[B, W]`, confidences f32 `[B, W]`, EOS/EOT flags `[B, W]`.
 
   `key_B`: one PRNG key per row for this step; `temp_B`: float32 `[B]`
-  temperatures (used when `o.stochastic`). SPEC §2 items 4, 5 and 7.
+  temperatures (used when `o.stochastic`; a row at 0 takes the argmax). SPEC §2 items 4, 5
+  and 7.
   """
   logits_BWV = logits_BWV.astype(f32)
   v = logits_BWV.shape[-1]
@@ -245,6 +246,10 @@ def candidates(cfg: ModelConfig, o: SamplingOptions, logits_BWV, key_B, temp_B):
     noise_BWV = jax.vmap(lambda k: jax.random.gumbel(k, logits_BWV.shape[1:], f32))(keys_B2[:, 0])
     t_B11 = jnp.where(temp_B > 0, temp_B, 1.).astype(f32)[:, None, None]
     x0_BW = jnp.argmax(logits_BWV / t_B11 + noise_BWV, axis=-1).astype(jnp.int32)
+    # A row at T = 0 in a sampling program takes the argmax, as in the argmax program: a
+    # pool mixing temperatures gives each row the tokens it would get alone.
+    greedy_BW = jnp.argmax(logits_BWV, axis=-1).astype(jnp.int32)
+    x0_BW = jnp.where(temp_B[:, None] > 0, x0_BW, greedy_BW)
   else:
     x0_BW = jnp.argmax(logits_BWV, axis=-1).astype(jnp.int32)
   if o.remasking == 'low_confidence':
