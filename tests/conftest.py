@@ -2,7 +2,7 @@
 
 Under `CI=true` (set by `.ci/run`) a skipped test fails the run unless its
 reason is listed in `CI_ALLOWED_SKIPS`: a skip checks nothing, and CI
-installs every extra (`.[test,tpu,eval]`), so a missing package there is a
+installs every extra (`.[test,tpu,eval,serve]`), so a missing package there is a
 broken install, not a reason.
 """
 
