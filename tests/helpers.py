@@ -373,3 +373,40 @@ def word_tokenizer(path, specials, words, added=(), tokenizer_config=None) -> st
     with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
       json.dump(tokenizer_config, f)
   return str(path)
+
+
+# -- a server started for real ----------------------------------------------------------
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start_server(ckpt: str, *flags: str, timeout: float = 600.):
+  """`illada-serve --ckpt CKPT FLAGS` on 127.0.0.1 on a free port, as a subprocess, once
+  `/health` says ready. Returns `(process, base url)`; the caller terminates it."""
+  import subprocess
+  import sys
+  import time
+  import httpx
+  port = free_port()
+  log = open(os.path.join(os.path.dirname(ckpt.rstrip('/')), f'serve-{port}.log'), 'w')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  proc = subprocess.Popen([sys.executable, '-m', 'illada_jax.cli.serve', '--ckpt', ckpt,
+                           '--port', str(port), '--log-level', 'warning', *flags],
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f'illada-serve exited {proc.returncode}: {open(log.name).read()[-2000:]}')
+    try:
+      if httpx.get(url + '/health', timeout=5).status_code == 200:
+        return proc, url
+    except httpx.TransportError:
+      pass
+    time.sleep(0.5)
+  proc.kill()
+  raise RuntimeError(f'illada-serve not ready after {timeout} s: {open(log.name).read()[-2000:]}')
