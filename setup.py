@@ -38,7 +38,7 @@ setup(
             'openai>=1.40', 'httpx>=0.27',
         ],
         # lm-evaluation-harness adapter (model name `illada_jax`).
-        'eval': ['lm-eval>=0.4.5,<0.5'],
+        'eval': ['lm-eval[api]>=0.4.5,<0.5'],
         # libtpu as pinned by jax[tpu]==0.10.2: compile-only TPU checks on CPU.
         'tpu': ['jax[tpu]==0.10.2'],
         # illada-serve: the OpenAI-compatible server (the openai client is in `test`).

@@ -311,3 +311,49 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(server, cases):
   assert proc.wait(timeout=60) == 0
   with pytest.raises(openai.APIConnectionError):
     _create(client, records[0])
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_against_the_server_matches_the_offline_adapter(short_demo,
+                                                                                  tmp_path):
+  """lm-eval's own `local-completions` model on a generate_until task over the demo's held-out
+  sums, against the server, gives the offline adapter's answers and exact match."""
+  import lm_eval
+  import lm_eval.models  # noqa: F401 (registers local-completions beside `illada_jax`)
+  from lm_eval.tasks import TaskManager
+  from illada_jax import demo, lm_eval_adapter  # noqa: F401 (registers `illada_jax`)
+  cfg, result = short_demo
+  _, test = demo.make_problems(cfg)
+  g = demo.seq_lengths(cfg)[1]
+  tasks = tmp_path / 'tasks'
+  tasks.mkdir()
+  data = tasks / 'sums.jsonl'
+  data.write_text(''.join(json.dumps({'context': r['prompt'], 'target': r['response']}) + '\n'
+                          for r in test[:48]))
+  (tasks / 'sums.yaml').write_text(
+      f'task: demo_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n'
+      'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{context}}"\n'
+      'doc_to_target: "{{target}}"\ngeneration_kwargs:\n  until: ["\\n"]\n'
+      f'  max_gen_toks: {g}\n  do_sample: false\n'
+      'metric_list:\n  - metric: exact_match\n')
+  manager = TaskManager(include_path=str(tasks))
+  settings = f'gen_length={g},block_length={g},steps={g}'
+  offline = lm_eval.simple_evaluate(model='illada_jax', tasks=['demo_sums'], batch_size=16,
+                                    model_args=f'ckpt={result["checkpoint"]},{settings}',
+                                    task_manager=manager, log_samples=True)
+  proc, url = start_server(result['checkpoint'], '--gen-length', str(g), '--block-length',
+                           str(g), '--steps', str(g), '--slots', '16', '--buckets', '16',
+                           '--served-model-name', 'demo')
+  try:
+    online = lm_eval.simple_evaluate(
+        model='local-completions', tasks=['demo_sums'], task_manager=manager, log_samples=True,
+        model_args=f'model=demo,base_url={url}/v1/completions,tokenizer_backend=None,'
+                   f'tokenized_requests=False,num_concurrent=8,max_retries=1,max_gen_toks={g}')
+  finally:
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+  answers = lambda run: [s['resps'][0][0] for s in sorted(run['samples']['demo_sums'],
+                                                            key=lambda s: s['doc_id'])]
+  assert answers(online) == answers(offline)
+  em = offline['results']['demo_sums']['exact_match,none']
+  assert online['results']['demo_sums']['exact_match,none'] == em >= 0.8
