@@ -357,3 +357,18 @@ def test_lm_eval_local_completions_against_the_server_matches_the_offline_adapte
   assert answers(online) == answers(offline)
   em = offline['results']['demo_sums']['exact_match,none']
   assert online['results']['demo_sums']['exact_match,none'] == em >= 0.8
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--slots', '0'], '--slots'), (['--buckets', 'abc'], '--buckets'),
+    (['--port', '70000'], '--port'), (['--max-queue', '0'], '--max-queue'),
+    (['--gen-length', '0'], 'gen_length'), (['--block-length', '5'], 'gen_length'),
+    (['--cache', 'bogus'], 'cache'), (['--score-preset', 'nope'], '--score-preset'),
+    (['--ckpt', '/nonexistent/ckpt'], '--ckpt'), (['--gen-length', '64'], '--gen-length'),
+])
+def test_serve_flags_are_checked_in_one_line_before_the_model_loads(argv, flag, ckpt, capsys):
+  from illada_jax.cli import serve as serve_cli
+  args = ['--ckpt', ckpt[0], *argv] if argv[0] != '--ckpt' else argv
+  assert serve_cli.main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('illada-serve: ') and flag in err[0], err
