@@ -137,7 +137,10 @@ class Handle:
     if event.completion is not None or event.error is not None:
       self.finished = time.perf_counter()
       self.completion, self.error = event.completion, event.error
-    (self._on_event or self._events.put)(event)
+    try:
+      (self._on_event or self._events.put)(event)
+    except Exception:  # noqa: BLE001
+      pass  # a consumer that is gone (its event loop closed) must not stop the scheduler
     if self.finished is not None:
       self._done.set()
 
