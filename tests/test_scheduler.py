@@ -1,4 +1,5 @@
-"""The online side of the one scheduler: submit while it runs, stream, cancel, mixed temperatures."""
+"""The online side of the one scheduler: submit while it runs, stream, cancel, mixed
+temperatures."""
 
 import time
 

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help='require "Authorization: Bearer KEY" on every /v1 route')
   p.add_argument('--served-model-name', default=None,
                  help="the `model` clients name (default: the checkpoint directory's name)")
-  p.add_argument('--slots', type=int, default=64, help='requests denoised at once (default: %(default)s)')
+  p.add_argument('--slots', type=int, default=64,
+                 help='requests denoised at once (default: %(default)s)')
   p.add_argument('--buckets', default=None, help='prompt-length buckets, e.g. 64,256,1024')
   p.add_argument('--mesh', default=None, help='e.g. fsdp=4,tensor=2 (local devices)')
   p.add_argument('--max-queue', type=int, default=1024,
