@@ -373,3 +373,47 @@ def word_tokenizer(path, specials, words, added=(), tokenizer_config=None) -> st
     with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
       json.dump(tokenizer_config, f)
   return str(path)
+
+
+# -- checkpoints saved by the installed transformers ----------------------------------
+
+def transformers_llama(path, cfg, seed=0, dtype='float32', config_edit=None):
+  """A Llama-layout HF directory written by transformers' own `save_pretrained`.
+
+  `cfg` gives the sizes and `rope_theta`; weights are transformers' random
+  init under `seed`, in `dtype`. `config_edit(dict) -> dict` rewrites the
+  saved `config.json` (e.g. into a 4.x-style one). Returns `path`.
+  """
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=cfg.max_len, bos_token_id=cfg.bos_token_id,
+      eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+      mask_token_id=cfg.mask_token_id, initializer_range=0.2)
+  model = transformers.LlamaForCausalLM(hf_cfg).to(getattr(torch, dtype))
+  model.save_pretrained(path)
+  if config_edit is not None:
+    with open(os.path.join(path, 'config.json')) as f:
+      conf = config_edit(json.load(f))
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+      json.dump(conf, f)
+  return str(path)
+
+
+def transformers_logits(path, tokens):
+  """float32 `[B, L, V]` logits of the HF directory `path` loaded by
+  `AutoModelForCausalLM`, attention made bidirectional (a 4D additive mask of zeros)."""
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=torch.float32, attn_implementation='eager').eval()
+  b, l = tokens.shape
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
+                attention_mask=torch.zeros((b, 1, l, l)))
+  return out.logits.float().numpy()
