@@ -29,9 +29,9 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from illada_jax import sft_rows, text_tokenizer
+from illada_jax import chat_template, sft_rows, text_tokenizer
 from illada_jax.config import DataConfig  # noqa: F401  (re-exported: `data.DataConfig`)
-from illada_jax.prompts import TOKENIZER_CONFIG, PromptFormat
+from illada_jax.prompts import PromptFormat
 from illada_jax.sft_rows import SftCounts, sft_row  # noqa: F401  (re-exported)
 
 
@@ -154,37 +154,32 @@ class _TokenizeDoc(grain.transforms.Map):
 def prompt_format(cfg: DataConfig) -> PromptFormat:
   """The prompt convention of SFT rows: `cfg.add_bos` and the chat template (`cfg.chat_template`).
 
-  Raises FileNotFoundError / ValueError naming the file if `cfg.chat_template`
-  is given and holds no template.
+  '' reads the tokenizer's directory as transformers would
+  (`PromptFormat.from_checkpoint`); a directory likewise; a `.json` file its
+  `chat_template` (a string, or the `default` of a named list); any other
+  file is the template itself. Raises FileNotFoundError / ValueError naming
+  the file if `cfg.chat_template` is given and holds no template.
   """
   src = cfg.chat_template
+  tok = os.path.abspath(cfg.tokenizer) if cfg.tokenizer else ''
+  tok_dir = tok if os.path.isdir(tok) else os.path.dirname(tok)
+  fmt = PromptFormat.from_checkpoint(tok_dir) if tok else PromptFormat()
+  fmt = dataclasses.replace(fmt, add_bos=cfg.add_bos)
   if not src:
-    tok = os.path.abspath(cfg.tokenizer)
-    where = tok if os.path.isdir(tok) else os.path.dirname(tok)
-    template = PromptFormat.from_checkpoint(where).chat_template if cfg.tokenizer else None
-    return PromptFormat(add_bos=cfg.add_bos, chat_template=template)
+    return fmt
   if not os.path.exists(src):
     raise FileNotFoundError(f'data.chat_template: {src} does not exist')
-  if os.path.isdir(src) or src.endswith('.json'):
-    path = os.path.join(src, TOKENIZER_CONFIG) if os.path.isdir(src) else src
-    template = PromptFormat.from_checkpoint(os.path.dirname(path)).chat_template if (
-        os.path.basename(path) == TOKENIZER_CONFIG) else _json_template(path)
-    if template is None:
-      raise ValueError(f'data.chat_template: {path} has no "chat_template" string')
+  if os.path.isdir(src):
+    template, where = chat_template.find(src, 'default')
+  elif src.endswith('.json'):
+    found, where = chat_template.templates_in_json(src)
+    if 'default' not in found:
+      raise ValueError(f'data.chat_template: {src} has no "chat_template" (or none named '
+                       f'"default": {sorted(found)})')
+    template = found['default']
   else:
-    with open(src, encoding='utf-8') as f:
-      template = f.read()
-  return PromptFormat(add_bos=cfg.add_bos, chat_template=template)
-
-
-def _json_template(path: str) -> str | None:
-  with open(path, encoding='utf-8') as f:
-    try:
-      conf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e})') from None
-  t = conf.get('chat_template') if isinstance(conf, dict) else None
-  return t if isinstance(t, str) else None
+    template, where = chat_template.read_template(src), src
+  return dataclasses.replace(fmt, chat_template=template, source=where)
 
 
 def _sft_rows(tok, cfg: DataConfig, seq_len: int, model, counts=None) -> sft_rows.SftRows:

@@ -88,6 +88,7 @@ class ILLaDAJax(LM):
     self.cfg, self.params, self.ckpt, self.seed = cfg, params, ckpt, int(seed)
     self.tok = prompts.load_tokenizer(ckpt, tokenizer)
     self.fmt = prompts.PromptFormat.from_checkpoint(ckpt)
+    self._chat_texts: set[str] = set()  # contexts apply_chat_template rendered
     if scoring_opts.add_bos is None:  # as the harness's tokenizer call: the checkpoint decides
       scoring_opts = scoring_opts.replace(add_bos=self.fmt.add_bos)
     self.scoring = scoring_opts
@@ -132,7 +133,7 @@ class ILLaDAJax(LM):
       until = (until,) if isinstance(until, str) else tuple(until)
       max_toks = gen_kwargs.get('max_gen_toks')
       reqs.append(engine_lib.Request(
-          id=i, prompt_ids=tuple(self.fmt.encode(self.tok, self.cfg, context)),
+          id=i, prompt_ids=tuple(self._context_ids(context)),
           options=self.options, stop=until,
           max_new_tokens=None if max_toks is None else int(max_toks),
           seed=content_seed(self.seed, context)))
@@ -140,8 +141,22 @@ class ILLaDAJax(LM):
     return [texts[i] for i in range(len(reqs))]
 
   def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-    bos = '' if self.cfg.bos_token_id is None else self.tok.id_to_piece(self.cfg.bos_token_id)
-    return prompts.chat_text(chat_history, bos, self.fmt.chat_template)
+    """The checkpoint's template rendered as transformers renders it (`PromptFormat.render`).
+
+    Without `add_generation_prompt` a final assistant message is continued
+    (lm-eval's HF model passes `continue_final_message` so). The text is
+    remembered: a request whose context is this text gets the very ids
+    `PromptFormat.encode` gives the messages (no BOS added beside the template's).
+    """
+    text = self.fmt.render(self.tok, chat_history, self.cfg.bos_token_id,
+                           self.cfg.eos_token_id, add_generation_prompt=add_generation_prompt)
+    self._chat_texts.add(text)
+    return text
+
+  def _context_ids(self, context: str) -> list[int]:
+    if context in self._chat_texts:
+      return self.tok.encode_special(context)
+    return self.fmt.encode(self.tok, self.cfg, context)
 
   @property
   def tokenizer_name(self) -> str:

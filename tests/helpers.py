@@ -417,3 +417,30 @@ def transformers_logits(path, tokens):
     out = model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
                 attention_mask=torch.zeros((b, 1, l, l)))
   return out.logits.float().numpy()
+
+
+CHAT_CORPUS = ['the cat sat on the mat .', 'what is two plus two ?', 'four .',
+               'You are a helpful assistant .', 'hello there , how are you ?']
+
+
+def transformers_tokenizer(path, template=None, specials=('<s>', '</s>', '<unk>', '<pad>'),
+                           added=(), **roles):
+  """A byte-level BPE tokenizer saved by transformers' own `save_pretrained` in `path`.
+
+  `specials` are special tokens (ids 0.. in order), `added` more of them
+  (e.g. '<|im_start|>'); `roles` name them (`bos_token='<s>'`, ...).
+  `template` is a string or {name: template}. The BPE is trained on
+  `CHAT_CORPUS` (milliseconds). Returns `path`.
+  """
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[*specials, *added],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(CHAT_CORPUS, trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
+                                              **roles)
+  fast.save_pretrained(path)
+  return str(path)
