@@ -63,7 +63,7 @@ class PromptFormat:
   add_bos: bool = False
   chat_template: str | None = None
   special_tokens: tuple[tuple[str, str], ...] = ()
-  source: str = ''
+  source: str = dataclasses.field(default='', compare=False)
 
   @classmethod
   def from_checkpoint(cls, ckpt_dir: str | None, template_name: str | None = None
