@@ -51,6 +51,9 @@ class ModelConfig:
   eos_token_id: int = 2
   pad_token_id: int = 1
   eot_token_id: int | None = None  # end-of-turn (LLaDA chat); None if absent
+  # More ids that end a request beside eos_token_id (a config.json / generation_config.json
+  # list, a tokenizer EOS of its own); `end_token_ids` is the whole set.
+  extra_eos_token_ids: tuple[int, ...] = ()
   param_dtype: str = 'bfloat16'  # storage dtype of the parameters
   compute_dtype: str = 'bfloat16'  # activations and matmul inputs
   attention_impl: str = 'xla'  # one of ATTENTION_IMPLS
@@ -75,6 +78,10 @@ class ModelConfig:
          f'{self.attention_impl!r} not in {ATTENTION_IMPLS}')
     need(self.remat_policy in REMAT_POLICIES, 'remat_policy',
          f'{self.remat_policy!r} not in {REMAT_POLICIES}')
+    object.__setattr__(self, 'extra_eos_token_ids',  # JSON gives a list
+                       tuple(int(i) for i in self.extra_eos_token_ids))
+    for i in self.extra_eos_token_ids:
+      need(0 <= i < self.vocab_size, 'extra_eos_token_ids', f'{i} outside [0, {self.vocab_size})')
     for f in token_ids.FIELDS:
       v = getattr(self, f)
       need(v is not None or f in ('bos_token_id', 'eot_token_id'), f, 'is required')
@@ -88,6 +95,17 @@ class ModelConfig:
   @property
   def weight_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    """Every EOS id the checkpoint declares, `eos_token_id` first."""
+    return (self.eos_token_id, *(i for i in self.extra_eos_token_ids if i != self.eos_token_id))
+
+  @property
+  def end_token_ids(self) -> tuple[int, ...]:
+    """The ids that end a request in every sampler mode and the engine: all EOS ids, EOT."""
+    ends = self.eos_token_ids
+    return ends + ((self.eot_token_id,) if self.eot_token_id not in (None, *ends) else ())
 
   def replace(self, **changes) -> 'ModelConfig':
     return dataclasses.replace(self, **changes)
@@ -174,6 +192,8 @@ class ModelConfig:
       if self.d_model // self.num_heads != self.head_dim:
         raise ValueError(f'LLaDA layout needs head_dim == d_model / n_heads, got {self.head_dim}')
     d.update({f: getattr(self, f) for f in token_ids.FIELDS if getattr(self, f) is not None})
+    if len(self.eos_token_ids) > 1:
+      d['eos_token_id'] = list(self.eos_token_ids)
     return d
 
 

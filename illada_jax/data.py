@@ -8,8 +8,8 @@ repeated, so the iterator state is a small JSON dict saved with the train
 state (the `data` checkpoint item, one file per process).
 
 Rows:
-  pretrain: tokens `[L]` int32 — documents joined with EOS and cut into rows
-            of L (Grain's concat-then-split packing).
+  pretrain: tokens `[L]` int32 — documents joined with the model's EOS
+            (`special_ids`) and cut into rows of L (Grain's concat-then-split packing).
   sft:      tokens `[L]` = `[BOS? prompt | response | EOS ... EOS]` and
             response_mask `[L]` (1 on the response and its EOS padding), from
             `prompt`/`response` pairs or `messages` chats (one row per
@@ -142,13 +142,30 @@ def _field(record, key: str) -> str:
 class _TokenizeDoc(grain.transforms.Map):
   """record -> {'tokens': [BOS] + ids + [EOS]} (EOS separates packed documents)."""
 
-  def __init__(self, tok, key: str, add_bos: bool):
-    self.tok, self.key, self.add_bos = tok, key, add_bos
+  def __init__(self, tok, key: str, add_bos: bool, bos_id: int | None, eos_id: int):
+    self.tok, self.key = tok, key
+    self.bos = [bos_id] if add_bos and bos_id is not None else []
+    self.eos_id = eos_id
 
   def map(self, record):
     ids = self.tok.encode(_field(record, self.key))
-    bos = [self.tok.bos_id] if self.add_bos and self.tok.bos_id is not None else []
-    return {'tokens': np.asarray(bos + ids + [self.tok.eos_id], np.int32)}
+    return {'tokens': np.asarray(self.bos + ids + [self.eos_id], np.int32)}
+
+
+def special_ids(tok, model) -> tuple[int | None, int]:
+  """(BOS, EOS) of training rows: the model's ids when it is known, else the tokenizer's.
+
+  The tokenizer's EOS must be one of the model's EOS ids (`model.eos_token_ids`):
+  rows padded or separated with another id would teach the model an end it
+  does not stop at. Raises ValueError naming both ids otherwise.
+  """
+  if model is None:
+    return tok.bos_id, tok.eos_id
+  if tok.eos_id is not None and tok.eos_id not in model.eos_token_ids:
+    raise ValueError(f'tokenizer {tok.path}: its EOS id {tok.eos_id} is not the model\'s '
+                     f'EOS {model.eos_token_id} (eos_token_ids {list(model.eos_token_ids)}); '
+                     'use the tokenizer the model was trained with, or set model.eos_token_id')
+  return model.bos_token_id, model.eos_token_id
 
 
 def prompt_format(cfg: DataConfig) -> PromptFormat:
@@ -183,10 +200,10 @@ def prompt_format(cfg: DataConfig) -> PromptFormat:
 
 
 def _sft_rows(tok, cfg: DataConfig, seq_len: int, model, counts=None) -> sft_rows.SftRows:
-  # BOS as the sampler puts it (the model's id when known), EOS padding as pair rows have it.
-  bos_id = model.bos_token_id if model is not None else tok.bos_id
+  # BOS as the sampler puts it, EOS padding the model's own (`special_ids`).
+  bos_id, eos_id = special_ids(tok, model)
   return sft_rows.SftRows(
-      tok, prompt_format(cfg), seq_len=seq_len, bos_id=bos_id, eos_id=tok.eos_id,
+      tok, prompt_format(cfg), seq_len=seq_len, bos_id=bos_id, eos_id=eos_id,
       add_bos=cfg.add_bos, prompt_key=cfg.prompt_key, response_key=cfg.response_key,
       messages_key=cfg.messages_key, turns=cfg.chat_turns, overlong=cfg.chat_overlong,
       counts=counts)
@@ -241,7 +258,8 @@ def make_dataset(cfg: DataConfig, *, batch_size: int, seq_len: int, objective: s
   if repeat:
     ds = ds.repeat()
   if objective == 'pretrain':
-    ds = ds.map(_TokenizeDoc(tok, cfg.text_key, cfg.add_bos)).to_iter_dataset()
+    ds = ds.map(_TokenizeDoc(tok, cfg.text_key, cfg.add_bos, *special_ids(tok, model)))
+    ds = ds.to_iter_dataset()
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len})
     ds = ds.map(_KeepTokens())
   elif objective == 'sft':

@@ -215,7 +215,7 @@ class Engine:
     self.stats = EngineStats()
     self._programs: dict = {}
     self._wideners: dict = {}
-    self._ends = {t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None}
+    self._ends = set(cfg.end_token_ids)
 
   # -- settings --------------------------------------------------------------
   def options_for(self, options: SamplingOptions) -> SamplingOptions:

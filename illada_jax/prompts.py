@@ -205,9 +205,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = Non
 
 
 def completion_ids(cfg: ModelConfig, gen_ids: Sequence[int]) -> list[int]:
-  """Generated ids up to (excluding) the first EOS/EOT/MASK."""
+  """Generated ids up to (excluding) the first end id (`cfg.end_token_ids`) or MASK."""
   out = []
-  ends = {cfg.eos_token_id, cfg.eot_token_id, cfg.mask_token_id} - {None}
+  ends = {*cfg.end_token_ids, cfg.mask_token_id}
   for t in gen_ids:
     if int(t) in ends:
       break
