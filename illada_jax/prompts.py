@@ -174,14 +174,21 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
   Trailing whitespace of the context moves to the start of the continuation;
   the whole string is encoded, and the continuation is what follows the
   context's own tokens (a token merged across the boundary counts as context).
-  No BOS is added here (the scorers' `add_bos` does that).
+  If that leaves the continuation empty (its text merged into the context's
+  last token), the continuation is encoded alone. Special tokens written in
+  the text are their ids (`encode_special`). No BOS is added here (the
+  scorers' `add_bos` does that).
   """
+  encode = getattr(tok, 'encode_special', tok.encode)
   n = len(context) - len(context.rstrip())
   if n:
     context, continuation = context[:-n], context[-n:] + continuation
-  ctx = tok.encode_special(context) if context else []
-  whole = tok.encode_special(context + continuation)
-  return ctx, whole[len(ctx):]
+  ctx = encode(context) if context else []
+  whole = encode(context + continuation)
+  cont = whole[len(ctx):]
+  if not cont and continuation:
+    cont = encode(continuation)
+  return ctx, cont
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None,
