@@ -1,13 +1,16 @@
-"""Checkpoints written by transformers itself: configs of 5.x and 4.x, logits against it."""
+"""Checkpoints written by transformers itself: configs of 5.x and 4.x, logits against it;
+HF -> Orbax -> HF directories that transformers (or their remote code) loads again."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 import illada_jax
 from illada_jax import ModelConfig, checkpoint
-from helpers import WORD_CFG, transformers_llama, transformers_logits
+from helpers import (WORD_CFG, make_tensors, read_hf, tiny_cfg, transformers_llama,
+                     transformers_logits, transformers_tokenizer, write_hf)
 
 pytestmark = pytest.mark.torch
 TINY = WORD_CFG.replace(rope_theta=500000.0, tie_embeddings=False, num_layers=2)
@@ -63,3 +66,57 @@ def test_rope_theta_from_either_spelling_and_conflicts():
   assert read(rope_scaling={'type': 'default'}) == 10000.0  # transformers' default
   with pytest.raises(ValueError, match='given differently'):
     read(rope_theta=1.0, rope_parameters={'rope_type': 'default', 'rope_theta': 2.0})
+
+
+# -- HF -> Orbax -> HF keeps the directory usable --------------------------------------
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+            "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+            "{% endif %}")
+CHAT = [{'role': 'user', 'content': 'what is two plus two ?'}]
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_llama_round_trip_loads_in_transformers_with_its_logits_and_chat(tmp_path, dtype):
+  import transformers
+  src = transformers_llama(tmp_path / 'hf', TINY, seed=2, dtype=dtype)
+  transformers_tokenizer(src, TEMPLATE, specials=('<s>', '<pad>', '</s>', '<unk>'),
+                         added=('<|im_start|>',), bos_token='<s>', eos_token='</s>',
+                         pad_token='<pad>', unk_token='<unk>')
+  checkpoint.hf_to_orbax(src, tmp_path / 'ck', dtype=dtype, progress=False)
+  checkpoint.orbax_to_hf(tmp_path / 'ck', tmp_path / 'back', progress=False)  # dtype: source's
+  back = str(tmp_path / 'back')
+  conf, src_conf = (json.load(open(os.path.join(d, 'config.json'))) for d in (back, src))
+  assert conf['model_type'] == 'llama' and conf['architectures'] == src_conf['architectures']
+  assert conf['rope_parameters'] == src_conf['rope_parameters'] and 'rope_theta' not in conf
+  want, got = read_hf(src), read_hf(back)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    assert got[name].dtype == want[name].dtype and got[name].tobytes() == want[name].tobytes()
+  tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 12))
+  np.testing.assert_array_equal(transformers_logits(back, tokens), transformers_logits(src, tokens))
+  a, b = (transformers.AutoTokenizer.from_pretrained(d) for d in (src, back))
+  assert os.path.isfile(os.path.join(back, 'chat_template.jinja'))
+  assert (b.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) ==
+          a.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True))
+
+
+def test_remote_code_layout_keeps_its_loader_keys_code_and_dtype(tmp_path):
+  cfg = tiny_cfg('llada')
+  hf_conf = {**cfg.to_hf(), 'auto_map': {'AutoModel': 'modeling_llada.LLaDAModelLM'},
+             'torch_dtype': 'float32', 'transformers_version': '4.46.3'}
+  tensors = make_tensors(cfg, dtype=np.float32)
+  src = write_hf(tmp_path / 'hf', cfg, tensors, hf_config=hf_conf)
+  (tmp_path / 'hf' / 'modeling_llada.py').write_text('# the remote code\n')
+  (tmp_path / 'hf' / 'chat_template.jinja').write_text(TEMPLATE)
+  checkpoint.hf_to_orbax(src, tmp_path / 'ck', dtype='float32', progress=False)
+  os.remove(tmp_path / 'ck' / 'modeling_llada.py')  # an older checkpoint: from the source dir
+  checkpoint.orbax_to_hf(tmp_path / 'ck', tmp_path / 'back', progress=False)
+  conf = json.load(open(tmp_path / 'back' / 'config.json'))
+  for key in ('model_type', 'architectures', 'auto_map', 'transformers_version'):
+    assert conf[key] == hf_conf[key], key
+  assert (tmp_path / 'back' / 'modeling_llada.py').read_text() == '# the remote code\n'
+  assert (tmp_path / 'back' / 'chat_template.jinja').read_text() == TEMPLATE
+  got = read_hf(tmp_path / 'back')
+  assert all(got[n].dtype == np.float32 and got[n].tobytes() == t.tobytes()
+             for n, t in tensors.items())

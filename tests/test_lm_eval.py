@@ -116,7 +116,7 @@ def test_presets_and_end_think_text_reach_generation(ckpt):
     make(path, 'end_think_bost=3')
 
 
-def _lm_eval_cli(tmp_path, model_args, tasks):
+def _lm_eval_cli(tmp_path, model_args, tasks, extra=()):
   """lm-eval's own command line (`python -m illada_jax.lm_eval_adapter` registers the model):
   `(results, {task: [sample records in doc order]})`."""
   import glob
@@ -128,7 +128,8 @@ def _lm_eval_cli(tmp_path, model_args, tasks):
   env = dict(os.environ, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='0')
   cmd = [sys.executable, '-m', 'illada_jax.lm_eval_adapter', '--model', 'illada_jax',
          '--model_args', model_args, '--include_path', str(tmp_path / 'tasks'), '--tasks',
-         ','.join(tasks), '--batch_size', '4', '--output_path', str(out), '--log_samples']
+         ','.join(tasks), '--batch_size', '4', '--output_path', str(out), '--log_samples',
+         *extra]
   run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   [results] = glob.glob(str(out / '**' / 'results_*.json'), recursive=True)
@@ -303,3 +304,47 @@ def test_missing_checkpoint_is_one_clear_error():
     get_model('illada_jax').create_from_arg_string('')
   with pytest.raises(ValueError, match='ckpt=/nonexistent is not a directory'):
     get_model('illada_jax').create_from_arg_string('ckpt=/nonexistent')
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} <|eot_id|> {% endfor %}"
+                 "{% if add_generation_prompt %}w9 {% endif %}")
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_chat_repeats_sampling_and_lengths(tmp_path):
+  """Through lm-eval's CLI with --apply_chat_template: the context gets the ids
+  `PromptFormat.encode` gives the messages; `repeats: 2` with `do_sample` draw twice,
+  independently; `max_gen_toks` over gen_length is honoured; an over-long context is cut."""
+  path, params = word_checkpoint(str(tmp_path / 'ck'), {'chat_template': CHAT_TEMPLATE})
+  tok, fmt = prompts.load_tokenizer(path), prompts.PromptFormat.from_checkpoint(path)
+  o = sampling.SamplingOptions(gen_length=8, block_length=4, steps=8)
+  docs = ['w1 w2', ' '.join(f'w{i % 50}' for i in range(70))]
+  max_toks = 20
+
+  def library(context):
+    messages = [{'role': 'user', 'content': context}]
+    text = fmt.render(tok, messages, CFG.bos_token_id, CFG.eos_token_id)
+    ids = fmt.encode(tok, CFG, messages)
+    opts, keep = lm_eval_adapter.fit_generation(o, CFG.max_len, len(ids), max_toks)
+    ids = ids[len(ids) - keep:]
+    out = []
+    for k in range(2):
+      s = sampling.sample(CFG, params, np.asarray([ids]), options=opts.replace(temperature=1.),
+                          seeds=[lm_eval_adapter.repeat_seed(0, text, k)])
+      gen = prompts.completion_ids(CFG, np.asarray(s.tokens)[0, len(ids):])[:max_toks]
+      out.append(tok.decode(gen))
+    return text, out
+
+  want = [library(c) for c in docs]
+  _write_task(tmp_path, 'ill_chat', [{'context': c, 'target': 'w0'} for c in docs],
+              'output_type: generate_until\ndoc_to_text: "{{context}}"\n'
+              'doc_to_target: "{{target}}"\nrepeats: 2\ngeneration_kwargs:\n'
+              f'  until: []\n  do_sample: true\n  temperature: 1.0\n  max_gen_toks: {max_toks}\n'
+              'metric_list:\n  - metric: exact_match\n')
+  _, samples = _lm_eval_cli(tmp_path, f'ckpt={path},gen_length=8,block_length=4,steps=8',
+                            ['ill_chat'], extra=['--apply_chat_template'])
+  for s, (text, outs) in zip(samples['ill_chat'], want):
+    assert s['arguments']['gen_args_0']['arg_0'] == text
+    assert s['resps'][0] == outs  # the k-th copy's draw in the k-th place
+  assert want[0][1][0] != want[0][1][1]  # the two draws differ
+  assert max(len(t.split()) for _, outs in want for t in outs) > 8  # longer than gen_length
