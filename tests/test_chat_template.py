@@ -158,3 +158,27 @@ def test_sentencepiece_bos_written_as_text_is_one_bos(tmp_path):
   # The LLaDA format (no template) puts the BOS first the same way.
   llada = prompts.PromptFormat().encode(tok, cfg, CHAT)
   assert llada[0] == 0 and llada.count(0) == 1
+
+
+def test_checkpoint_directories_carry_every_template_file(tmp_path):
+  """Converted checkpoints and step directories copy the files transformers reads templates
+  from (`store.copy_tokenizer_files`), and a format written there reads back the same."""
+  from illada_jax.checkpoint import store
+  src, dst = tmp_path / 'src', tmp_path / 'dst'
+  (src / 'additional_chat_templates').mkdir(parents=True)
+  (src / 'chat_template.jinja').write_text(CHATML)
+  (src / 'additional_chat_templates' / 'tool_use.jinja').write_text(LLAMA3)
+  (src / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '</s>'}))
+  dst.mkdir()
+  copied = store.copy_tokenizer_files(src, dst)
+  assert {'chat_template.jinja', 'additional_chat_templates', 'tokenizer_config.json'} <= set(
+      copied)
+  for name in (None, 'tool_use'):
+    assert (prompts.PromptFormat.from_checkpoint(str(dst), name) ==
+            prompts.PromptFormat.from_checkpoint(str(src), name))
+  step = tmp_path / 'step'
+  step.mkdir()
+  fmt = prompts.PromptFormat(add_bos=True, chat_template=GENERATION)
+  fmt.write(str(step))  # what a training step directory gets for data.chat_template
+  assert (step / 'chat_template.jinja').read_text() == GENERATION
+  assert prompts.PromptFormat.from_checkpoint(str(step)) == fmt

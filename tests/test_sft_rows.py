@@ -4,6 +4,7 @@ rule and its counts, bad records named by file and line, exact resume, and a sho
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -125,7 +126,8 @@ def test_two_turn_chat_gives_the_hand_checked_rows(tmp_path, family):
   t = text_tokenizer.load(tok)
   fmt = prompts.PromptFormat.from_checkpoint(tok)
   for (prompt, _), end in zip(rows, (2, 4)):
-    assert t.encode_special(fmt.render(t, CHAT[:end], t.bos_id)) == prompt
+    ids = types.SimpleNamespace(bos_token_id=t.bos_id, eos_token_id=t.eos_id)
+    assert fmt.encode(t, ids, CHAT[:end]) == prompt  # what --chat / lm-eval / the server use
   # 'last': the final turn only.
   last = _rows(data.DataConfig(paths=(path,), tokenizer=tok, shuffle=False, chat_turns='last'), 48)
   assert len(last) == 1
