@@ -31,7 +31,8 @@ EOS_USER = (  # Zephyr / Mistral: the reply ends in the eos_token variable
     "{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ '<|user|>\n' + message['content'] + eos_token }}"
     "{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + eos_token }}"
     "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     "{% endfor %}")
 LOOP_CONTROLS = (  # {% continue %} / {% break %}, raise_exception, tojson

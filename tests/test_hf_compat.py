@@ -54,7 +54,8 @@ def test_logits_match_transformers_for_its_own_checkpoints(tmp_path, style):
 def test_rope_types_not_implemented_are_refused_by_name(key, rope):
   hf = {**TINY.to_hf(), key: rope}
   hf.pop('rope_parameters') if key == 'rope_scaling' else None
-  with pytest.raises(ValueError, match=f"{key} rope_type='{rope.get('rope_type', rope.get('type'))}'"):
+  kind = rope.get('rope_type', rope.get('type'))
+  with pytest.raises(ValueError, match=f"{key} rope_type='{kind}' is not implemented"):
     ModelConfig.from_hf(hf)
 
 

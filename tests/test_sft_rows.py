@@ -235,7 +235,8 @@ def test_a_template_refusing_a_conversation_is_named_by_file_and_line(tmp_path):
                        tokenizer_config={'chat_template': template})
   path = write_jsonl(tmp_path / 'chat.jsonl', [{'messages': CHAT[1:3]}, {'messages': CHAT}])
   cfg = data.DataConfig(paths=(path,), tokenizer=tok)
-  with pytest.raises(ValueError, match=f'{path}:2: rendering message 2: {tok}/tokenizer_config.json: chat template: no system'):
+  where = f'{path}:2: rendering message 2: {tok}/tokenizer_config.json'
+  with pytest.raises(ValueError, match=f'{where}: chat template: no system'):
     data.sft_counts(cfg, seq_len=48)
 
 
