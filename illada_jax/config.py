@@ -51,6 +51,9 @@ class ModelConfig:
   eos_token_id: int = 2
   pad_token_id: int = 1
   eot_token_id: int | None = None  # end-of-turn (LLaDA chat); None if absent
+  # More ids that end a request beside eos_token_id (a config.json / generation_config.json
+  # list, a tokenizer EOS of its own); `end_token_ids` is the whole set.
+  extra_eos_token_ids: tuple[int, ...] = ()
   param_dtype: str = 'bfloat16'  # storage dtype of the parameters
   compute_dtype: str = 'bfloat16'  # activations and matmul inputs
   attention_impl: str = 'xla'  # one of ATTENTION_IMPLS
@@ -75,6 +78,10 @@ class ModelConfig:
          f'{self.attention_impl!r} not in {ATTENTION_IMPLS}')
     need(self.remat_policy in REMAT_POLICIES, 'remat_policy',
          f'{self.remat_policy!r} not in {REMAT_POLICIES}')
+    object.__setattr__(self, 'extra_eos_token_ids',  # JSON gives a list
+                       tuple(int(i) for i in self.extra_eos_token_ids))
+    for i in self.extra_eos_token_ids:
+      need(0 <= i < self.vocab_size, 'extra_eos_token_ids', f'{i} outside [0, {self.vocab_size})')
     for f in token_ids.FIELDS:
       v = getattr(self, f)
       need(v is not None or f in ('bos_token_id', 'eot_token_id'), f, 'is required')
@@ -88,6 +95,17 @@ class ModelConfig:
   @property
   def weight_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    """Every EOS id the checkpoint declares, `eos_token_id` first."""
+    return (self.eos_token_id, *(i for i in self.extra_eos_token_ids if i != self.eos_token_id))
+
+  @property
+  def end_token_ids(self) -> tuple[int, ...]:
+    """The ids that end a request in every sampler mode and the engine: all EOS ids, EOT."""
+    ends = self.eos_token_ids
+    return ends + ((self.eot_token_id,) if self.eot_token_id not in (None, *ends) else ())
 
   def replace(self, **changes) -> 'ModelConfig':
     return dataclasses.replace(self, **changes)
@@ -111,8 +129,10 @@ class ModelConfig:
 
     iLLaDA uses Llama keys (`model_type` "illada"; "llama" is accepted too),
     LLaDA uses OLMo keys (`model_type` "llada"). Anything the model does not
-    implement (rope scaling, biases, LayerNorm, other activations, ...) raises
-    ValueError naming the key. Token ids come from `hf`, then from the
+    implement (RoPE scaling, biases, LayerNorm, other activations, ...) raises
+    ValueError naming the key; RoPE is read from `rope_parameters`
+    (transformers 5) or `rope_theta` / `rope_scaling` (4.x), and a RoPE type
+    other than 'default' raises ValueError naming it. Token ids come from `hf`, then from the
     tokenizer files in `tokenizer_dir` (`token_ids.resolve`; a missing mask
     or EOS id raises ValueError saying where it was looked for). `overrides`
     set execution fields such as `param_dtype` or `attention_impl`.
@@ -152,9 +172,10 @@ class ModelConfig:
           'num_key_value_heads': self.num_kv_heads, 'head_dim': self.head_dim,
           'intermediate_size': self.mlp_hidden, 'vocab_size': self.vocab_size,
           'max_position_embeddings': self.max_len, 'rope_theta': self.rope_theta,
+          'rope_parameters': {'rope_type': 'default', 'rope_theta': self.rope_theta},
           'rms_norm_eps': self.norm_eps, 'tie_word_embeddings': self.tie_embeddings,
           'hidden_act': 'silu', 'attention_bias': False, 'mlp_bias': False,
-          'rope_scaling': None, 'torch_dtype': self.param_dtype,
+          'torch_dtype': self.param_dtype, 'dtype': self.param_dtype,
       }
     else:
       d = {
@@ -171,6 +192,8 @@ class ModelConfig:
       if self.d_model // self.num_heads != self.head_dim:
         raise ValueError(f'LLaDA layout needs head_dim == d_model / n_heads, got {self.head_dim}')
     d.update({f: getattr(self, f) for f in token_ids.FIELDS if getattr(self, f) is not None})
+    if len(self.eos_token_ids) > 1:
+      d['eos_token_id'] = list(self.eos_token_ids)
     return d
 
 
@@ -212,12 +235,50 @@ def _require(hf: Mapping[str, Any], key: str):
   return hf[key]
 
 
+# RoPE variants the model computes: plain rotate-half RoPE (SPEC §1). transformers
+# spells it 'default' (4.x `rope_scaling` may also say it under the key 'type').
+ROPE_TYPES = ('default',)
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names none
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+  """RoPE theta of a config of any transformers version; other RoPE types raise ValueError.
+
+  transformers 5 writes `rope_parameters: {rope_type, rope_theta, ...}` and no
+  top-level `rope_theta`; 4.x writes `rope_theta` and `rope_scaling` (None or
+  `{rope_type | type, factor, ...}`). Both are read; a type other than
+  'default' (linear, dynamic, yarn, longrope, llama3, ...) is refused by name,
+  as is a theta that the two spellings give differently.
+  """
+  thetas = {}
+  for key in ('rope_parameters', 'rope_scaling'):
+    params = hf.get(key)
+    if params is None:
+      continue
+    if not isinstance(params, Mapping):
+      raise ValueError(f'config.json: {key}={params!r} is not an object')
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+      raise ValueError(f'config.json: {key} per layer type ({sorted(params)}) is not '
+                       'implemented (one RoPE for every layer)')
+    kind = params.get('rope_type', params.get('type', 'default'))
+    if kind not in ROPE_TYPES:
+      raise ValueError(f'config.json: {key} rope_type={kind!r} is not implemented '
+                       f'(the model computes {ROPE_TYPES[0]!r} RoPE only)')
+    if params.get('rope_theta') is not None:
+      thetas[f'{key}.rope_theta'] = float(params['rope_theta'])
+  if hf.get('rope_theta') is not None:
+    thetas['rope_theta'] = float(hf['rope_theta'])
+  if len(set(thetas.values())) > 1:
+    raise ValueError(f'config.json: RoPE theta given differently: {thetas}')
+  return next(iter(thetas.values()), DEFAULT_ROPE_THETA)
+
+
 def _from_llama_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
-  _refuse(hf, 'rope_scaling', (None,), 'RoPE scaling is not implemented')
   _refuse(hf, 'attention_bias', (False, None), 'the model has no biases')
   _refuse(hf, 'mlp_bias', (False, None), 'the model has no biases')
   _refuse(hf, 'hidden_act', ('silu', 'swish', None), 'the MLP is SwiGLU')
   _refuse(hf, 'attention_dropout', (0, 0.0, None), 'dropout is not implemented')
+  _refuse(hf, 'partial_rotary_factor', (1, 1.0, None), 'RoPE rotates the whole head')
   _refuse(hf, 'is_causal', (False, None), 'attention is bidirectional')
   d = int(_require(hf, 'hidden_size'))
   h = int(_require(hf, 'num_attention_heads'))
@@ -232,13 +293,12 @@ def _from_llama_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
       'vocab_size': int(_require(hf, 'vocab_size')),
       'max_len': int(hf.get('max_position_embeddings', 8192)),
       'tie_embeddings': bool(hf.get('tie_word_embeddings', True)),
-      'rope_theta': float(hf.get('rope_theta', 10000.0)),
+      'rope_theta': _rope_theta(hf),
       'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
   }
 
 
 def _from_olmo_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
-  _refuse(hf, 'rope_scaling', (None,), 'RoPE scaling is not implemented')
   _refuse(hf, 'include_bias', (False, None), 'the model has no biases')
   _refuse(hf, 'bias_for_layer_norm', (False, None), 'the model has no biases')
   _refuse(hf, 'layer_norm_type', ('rms', None), 'only RMSNorm is implemented')
@@ -264,7 +324,7 @@ def _from_olmo_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
       'vocab_size': int(hf.get('embedding_size') or _require(hf, 'vocab_size')),
       'max_len': int(hf.get('max_sequence_length', 4096)),
       'tie_embeddings': bool(hf.get('weight_tying', False)),
-      'rope_theta': float(hf.get('rope_theta', 10000.0)),
+      'rope_theta': _rope_theta(hf),
       'norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
   }
 

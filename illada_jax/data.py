@@ -8,8 +8,8 @@ repeated, so the iterator state is a small JSON dict saved with the train
 state (the `data` checkpoint item, one file per process).
 
 Rows:
-  pretrain: tokens `[L]` int32 — documents joined with EOS and cut into rows
-            of L (Grain's concat-then-split packing).
+  pretrain: tokens `[L]` int32 — documents joined with the model's EOS
+            (`special_ids`) and cut into rows of L (Grain's concat-then-split packing).
   sft:      tokens `[L]` = `[BOS? prompt | response | EOS ... EOS]` and
             response_mask `[L]` (1 on the response and its EOS padding), from
             `prompt`/`response` pairs or `messages` chats (one row per
@@ -29,9 +29,9 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from illada_jax import sft_rows, text_tokenizer
+from illada_jax import chat_template, sft_rows, text_tokenizer
 from illada_jax.config import DataConfig  # noqa: F401  (re-exported: `data.DataConfig`)
-from illada_jax.prompts import TOKENIZER_CONFIG, PromptFormat
+from illada_jax.prompts import PromptFormat
 from illada_jax.sft_rows import SftCounts, sft_row  # noqa: F401  (re-exported)
 
 
@@ -142,56 +142,68 @@ def _field(record, key: str) -> str:
 class _TokenizeDoc(grain.transforms.Map):
   """record -> {'tokens': [BOS] + ids + [EOS]} (EOS separates packed documents)."""
 
-  def __init__(self, tok, key: str, add_bos: bool):
-    self.tok, self.key, self.add_bos = tok, key, add_bos
+  def __init__(self, tok, key: str, add_bos: bool, bos_id: int | None, eos_id: int):
+    self.tok, self.key = tok, key
+    self.bos = [bos_id] if add_bos and bos_id is not None else []
+    self.eos_id = eos_id
 
   def map(self, record):
     ids = self.tok.encode(_field(record, self.key))
-    bos = [self.tok.bos_id] if self.add_bos and self.tok.bos_id is not None else []
-    return {'tokens': np.asarray(bos + ids + [self.tok.eos_id], np.int32)}
+    return {'tokens': np.asarray(self.bos + ids + [self.eos_id], np.int32)}
+
+
+def special_ids(tok, model) -> tuple[int | None, int]:
+  """(BOS, EOS) of training rows: the model's ids when it is known, else the tokenizer's.
+
+  The tokenizer's EOS must be one of the model's EOS ids (`model.eos_token_ids`):
+  rows padded or separated with another id would teach the model an end it
+  does not stop at. Raises ValueError naming both ids otherwise.
+  """
+  if model is None:
+    return tok.bos_id, tok.eos_id
+  if tok.eos_id is not None and tok.eos_id not in model.eos_token_ids:
+    raise ValueError(f'tokenizer {tok.path}: its EOS id {tok.eos_id} is not the model\'s '
+                     f'EOS {model.eos_token_id} (eos_token_ids {list(model.eos_token_ids)}); '
+                     'use the tokenizer the model was trained with, or set model.eos_token_id')
+  return model.bos_token_id, model.eos_token_id
 
 
 def prompt_format(cfg: DataConfig) -> PromptFormat:
   """The prompt convention of SFT rows: `cfg.add_bos` and the chat template (`cfg.chat_template`).
 
-  Raises FileNotFoundError / ValueError naming the file if `cfg.chat_template`
-  is given and holds no template.
+  '' reads the tokenizer's directory as transformers would
+  (`PromptFormat.from_checkpoint`); a directory likewise; a `.json` file its
+  `chat_template` (a string, or the `default` of a named list); any other
+  file is the template itself. Raises FileNotFoundError / ValueError naming
+  the file if `cfg.chat_template` is given and holds no template.
   """
   src = cfg.chat_template
+  tok = os.path.abspath(cfg.tokenizer) if cfg.tokenizer else ''
+  tok_dir = tok if os.path.isdir(tok) else os.path.dirname(tok)
+  fmt = PromptFormat.from_checkpoint(tok_dir) if tok else PromptFormat()
+  fmt = dataclasses.replace(fmt, add_bos=cfg.add_bos)
   if not src:
-    tok = os.path.abspath(cfg.tokenizer)
-    where = tok if os.path.isdir(tok) else os.path.dirname(tok)
-    template = PromptFormat.from_checkpoint(where).chat_template if cfg.tokenizer else None
-    return PromptFormat(add_bos=cfg.add_bos, chat_template=template)
+    return fmt
   if not os.path.exists(src):
     raise FileNotFoundError(f'data.chat_template: {src} does not exist')
-  if os.path.isdir(src) or src.endswith('.json'):
-    path = os.path.join(src, TOKENIZER_CONFIG) if os.path.isdir(src) else src
-    template = PromptFormat.from_checkpoint(os.path.dirname(path)).chat_template if (
-        os.path.basename(path) == TOKENIZER_CONFIG) else _json_template(path)
-    if template is None:
-      raise ValueError(f'data.chat_template: {path} has no "chat_template" string')
+  if os.path.isdir(src):
+    template, where = chat_template.find(src, 'default')
+  elif src.endswith('.json'):
+    found, where = chat_template.templates_in_json(src)
+    if 'default' not in found:
+      raise ValueError(f'data.chat_template: {src} has no "chat_template" (or none named '
+                       f'"default": {sorted(found)})')
+    template = found['default']
   else:
-    with open(src, encoding='utf-8') as f:
-      template = f.read()
-  return PromptFormat(add_bos=cfg.add_bos, chat_template=template)
-
-
-def _json_template(path: str) -> str | None:
-  with open(path, encoding='utf-8') as f:
-    try:
-      conf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e})') from None
-  t = conf.get('chat_template') if isinstance(conf, dict) else None
-  return t if isinstance(t, str) else None
+    template, where = chat_template.read_template(src), src
+  return dataclasses.replace(fmt, chat_template=template, source=where)
 
 
 def _sft_rows(tok, cfg: DataConfig, seq_len: int, model, counts=None) -> sft_rows.SftRows:
-  # BOS as the sampler puts it (the model's id when known), EOS padding as pair rows have it.
-  bos_id = model.bos_token_id if model is not None else tok.bos_id
+  # BOS as the sampler puts it, EOS padding the model's own (`special_ids`).
+  bos_id, eos_id = special_ids(tok, model)
   return sft_rows.SftRows(
-      tok, prompt_format(cfg), seq_len=seq_len, bos_id=bos_id, eos_id=tok.eos_id,
+      tok, prompt_format(cfg), seq_len=seq_len, bos_id=bos_id, eos_id=eos_id,
       add_bos=cfg.add_bos, prompt_key=cfg.prompt_key, response_key=cfg.response_key,
       messages_key=cfg.messages_key, turns=cfg.chat_turns, overlong=cfg.chat_overlong,
       counts=counts)
@@ -246,7 +258,8 @@ def make_dataset(cfg: DataConfig, *, batch_size: int, seq_len: int, objective: s
   if repeat:
     ds = ds.repeat()
   if objective == 'pretrain':
-    ds = ds.map(_TokenizeDoc(tok, cfg.text_key, cfg.add_bos)).to_iter_dataset()
+    ds = ds.map(_TokenizeDoc(tok, cfg.text_key, cfg.add_bos, *special_ids(tok, model)))
+    ds = ds.to_iter_dataset()
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': seq_len})
     ds = ds.map(_KeepTokens())
   elif objective == 'sft':

@@ -195,7 +195,7 @@ class Engine:
     self.stats = EngineStats()
     self._programs: dict = {}
     self._wideners: dict = {}
-    self.end_ids = frozenset(t for t in (cfg.eos_token_id, cfg.eot_token_id) if t is not None)
+    self.end_ids = frozenset(cfg.end_token_ids)  # every EOS id the checkpoint declares, EOT
     self.scheduler = Scheduler(self)
 
   # -- settings --------------------------------------------------------------

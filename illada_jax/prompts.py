@@ -1,18 +1,23 @@
 """Prompts as the model was trained: the checkpoint's tokenizer and prompt format (SPEC §5).
 
-A checkpoint directory records its prompt convention in `tokenizer_config.json`
-(the Hugging Face keys): `add_bos_token` (BOS before a plain prompt) and
-`chat_template` (Jinja). Converted checkpoints carry the file of their source;
-checkpoints written by the training loop get one from `PromptFormat.write`.
-Without a template, chat prompts use the LLaDA format: `BOS`, then per
-message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
+A checkpoint directory records its prompt convention in the Hugging Face
+tokenizer files: `add_bos_token` in `tokenizer_config.json` (BOS before a
+plain prompt) and a chat template wherever transformers saves one
+(`illada_jax.chat_template`). Converted checkpoints carry the files of their
+source; checkpoints written by the training loop get them from
+`PromptFormat.write`. Without a template, chat prompts use the LLaDA format:
+`BOS`, then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
 then the assistant header.
+
+`PromptFormat.encode` is the one path from a prompt or chat to ids: the
+sampler's `--chat`, chat SFT rows, the lm-eval adapter and the server all
+call it (or `render` + `Tokenizer.encode_special`, which is what it does), so
+the same messages give the same ids everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import json
 import os
@@ -21,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from illada_jax import text_tokenizer
+from illada_jax import chat_template, text_tokenizer
 from illada_jax.config import ModelConfig
 
 TOKENIZER_CONFIG = 'tokenizer_config.json'
@@ -45,38 +50,49 @@ def load_tokenizer(ckpt_dir: str, override: str | None = None) -> text_tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class PromptFormat:
-  """How prompt text becomes model input.
+  """How prompt text and chat messages become model input (the one path for both).
 
   add_bos: BOS before a plain (non-chat) prompt, as in training.
-  chat_template: a Jinja chat template, or None for the LLaDA format.
+  chat_template: a Jinja chat template, or None for the LLaDA format
+    (`chat_template.LLADA_TEMPLATE`).
+  special_tokens: `(name, text)` pairs the template sees as variables
+    (`bos_token`, `eos_token`, ...), from the tokenizer files; a BOS / EOS the
+    files do not name is the piece of the model's id.
+  source: the file the template was read from (errors name it).
   """
   add_bos: bool = False
   chat_template: str | None = None
+  special_tokens: tuple[tuple[str, str], ...] = ()
+  source: str = dataclasses.field(default='', compare=False)
 
   @classmethod
-  def from_checkpoint(cls, ckpt_dir: str | None) -> 'PromptFormat':
-    """Reads `tokenizer_config.json` in `ckpt_dir`; defaults where it is absent.
+  def from_checkpoint(cls, ckpt_dir: str | None, template_name: str | None = None
+                      ) -> 'PromptFormat':
+    """The format recorded in `ckpt_dir`'s tokenizer files; defaults where absent.
 
-    Raises ValueError naming the file if it is not a JSON object.
+    The template is found as transformers finds it (`chat_template.find`:
+    `chat_template.jinja`, `additional_chat_templates/`, `tokenizer_config.json`
+    as a string or named list; `template_name` picks one, default 'default').
+    Raises ValueError naming the file if one is not valid JSON / UTF-8 or the
+    named template is missing.
     """
-    path = ckpt_dir and os.path.join(ckpt_dir, TOKENIZER_CONFIG)
-    if not path or not os.path.exists(path):
+    if not ckpt_dir or not os.path.isdir(ckpt_dir):
       return cls()
-    with open(path) as f:
-      try:
-        conf = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: not valid JSON ({e})') from None
+    path = os.path.join(ckpt_dir, TOKENIZER_CONFIG)
+    conf = chat_template.json_file(path) if os.path.isfile(path) else {}
     if not isinstance(conf, dict):
       raise ValueError(f'{path}: expected a JSON object')
-    template = conf.get('chat_template')
-    return cls(add_bos=bool(conf.get('add_bos_token', False)),
-               chat_template=template if isinstance(template, str) else None)
+    template, where = chat_template.find(ckpt_dir, template_name)
+    return cls(add_bos=bool(conf.get('add_bos_token', False)), chat_template=template,
+               special_tokens=tuple(sorted(chat_template.special_tokens(ckpt_dir).items())),
+               source=where or '')
 
   def write(self, ckpt_dir: str, tokenizer_path: str | None = None) -> None:
     """Records this format (and copies the tokenizer file) into `ckpt_dir`.
 
-    An existing `tokenizer_config.json` keeps its other keys.
+    `add_bos_token` goes into `tokenizer_config.json` (its other keys kept);
+    the template into `chat_template.jinja`, where transformers 5 saves it and
+    where it takes precedence over a template in `tokenizer_config.json`.
     """
     path = os.path.join(ckpt_dir, TOKENIZER_CONFIG)
     conf = {}
@@ -84,86 +100,72 @@ class PromptFormat:
       with open(path) as f:
         conf = json.load(f)
     conf['add_bos_token'] = self.add_bos
-    if self.chat_template is not None:
-      conf['chat_template'] = self.chat_template
     with open(path + '.tmp', 'w') as f:
       json.dump(conf, f, indent=2)
     os.replace(path + '.tmp', path)
+    if self.chat_template is not None:
+      jinja = os.path.join(ckpt_dir, chat_template.TEMPLATE_FILE)
+      with open(jinja + '.tmp', 'w', encoding='utf-8') as f:
+        f.write(self.chat_template)
+      os.replace(jinja + '.tmp', jinja)
     if tokenizer_path:
       src = os.path.join(tokenizer_path, 'tokenizer.json') if os.path.isdir(tokenizer_path) \
           else tokenizer_path
       shutil.copy2(src, os.path.join(ckpt_dir, os.path.basename(src)))
 
-  def encode(self, tok, cfg: ModelConfig, prompt, *, chat: bool = False) -> list[int]:
-    """Token ids of a prompt: a string, or a list of chat messages (implies chat)."""
+  def encode(self, tok, cfg: ModelConfig, prompt, *, chat: bool = False,
+             add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a prompt: a string, or a list of chat messages (implies chat).
+
+    The one function every client calls (sampler, jobs, lm-eval adapter,
+    server). A plain prompt: its text with special tokens written in it as
+    their ids (`Tokenizer.encode_special`), BOS first if `add_bos` and the
+    text did not already start with it. A chat: the rendered template
+    (`render`) encoded the same way, BOS only where the template writes it.
+    `add_generation_prompt=False` with a final assistant message continues
+    that message (transformers' `continue_final_message`). Raises ValueError
+    naming the template's file if it cannot render the messages.
+    """
     if isinstance(prompt, str) and not chat:
-      ids = tok.encode(prompt)
+      ids = tok.encode_special(prompt)
       if self.add_bos and cfg.bos_token_id is not None and ids[:1] != [cfg.bos_token_id]:
-        ids = [cfg.bos_token_id] + ids  # (text already rendered with BOS keeps one)
+        ids = [cfg.bos_token_id] + ids
       return ids
     messages = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else prompt
-    return self.chat_ids(tok, cfg.bos_token_id, messages)
+    return tok.encode_special(self.render(tok, messages, cfg.bos_token_id, cfg.eos_token_id,
+                                          add_generation_prompt=add_generation_prompt))
 
-  def render_chat(self, tok, bos_id: int | None, messages: Sequence[dict], *,
-                  add_generation_prompt: bool = True) -> tuple[list[int], str]:
-    """(ids before the text, text) of `messages` in this format; ids + encode(text) is the input.
+  def render(self, tok, messages: Sequence[dict], bos_id: int | None = None,
+             eos_id: int | None = None, *, add_generation_prompt: bool = True,
+             close_final_message: bool = False) -> str:
+    """The text of `messages` in this format (`encode_special` of it is the input).
 
-    With a template, BOS is the template's (its `bos_token`, as text) and the
-    ids are empty; the LLaDA format puts the BOS id first instead (a
-    SentencePiece BOS has no text that encodes to it).
+    Without `add_generation_prompt`, a final assistant message is left open
+    (continued) unless `close_final_message` (a finished conversation, as SFT
+    rows render it); any other final message is closed.
     """
-    if self.chat_template:
-      bos_text = ''
-      if 'bos_token' in self.chat_template and bos_id is not None:
-        bos_text = tok.id_to_piece(bos_id)
-      return [], chat_text(messages, bos_text, self.chat_template, add_generation_prompt)
-    bos = [] if bos_id is None else [bos_id]
-    return bos, chat_text(messages, add_generation_prompt=add_generation_prompt)
+    cont = (not add_generation_prompt and not close_final_message and bool(messages)
+            and messages[-1].get('role') == 'assistant')
+    return chat_template.render(
+        self.chat_template or chat_template.LLADA_TEMPLATE, messages,
+        self.variables(tok, bos_id, eos_id), add_generation_prompt=add_generation_prompt,
+        continue_final_message=cont, where=self.source or '<template>')
 
-  def chat_ids(self, tok, bos_id: int | None, messages: Sequence[dict]) -> list[int]:
-    """Token ids of the chat prompt of `messages`, ending in the assistant header.
-
-    The one rendering shared by the sampler's `--chat` and chat SFT rows
-    (`illada_jax.chat_data`), so a model is prompted as it was trained.
-    """
-    ids, text = self.render_chat(tok, bos_id, messages)
-    return ids + tok.encode(text)
+  def variables(self, tok, bos_id: int | None, eos_id: int | None) -> dict[str, str]:
+    """The special-token variables of the template (class docstring)."""
+    out = dict(self.special_tokens)
+    for name, i in (('bos_token', bos_id), ('eos_token', eos_id)):
+      if name not in out and i is not None:
+        out[name] = tok.id_to_piece(i)
+    return out
 
 
 def chat_text(messages: Sequence[dict], bos_text: str = '', template: str | None = None,
               add_generation_prompt: bool = True) -> str:
-  """The text of `messages` (dicts with `role`, `content`).
-
-  With `add_generation_prompt` it ends in the assistant header (a prompt);
-  without, it ends after the last message (a finished conversation).
-  """
-  if template:
-    return _jinja(template).render(messages=list(messages), bos_token=bos_text,
-                                   add_generation_prompt=add_generation_prompt)
-  parts = [bos_text]
-  for m in messages:
-    parts.append(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
-                 f"{m['content'].strip()}<|eot_id|>")
-  if add_generation_prompt:
-    parts.append('<|start_header_id|>assistant<|end_header_id|>\n\n')
-  return ''.join(parts)
-
-
-@functools.lru_cache(maxsize=8)
-def _jinja(template: str):
-  """The compiled template (compiled once: SFT renders it for every row).
-
-  The environment is Hugging Face's for chat templates (trimmed blocks, and
-  `raise_exception`, which many templates call on a conversation they refuse).
-  """
-  import jinja2
-  env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-  env.globals['raise_exception'] = _raise_template_error
-  return env.from_string(template)
-
-
-def _raise_template_error(message):
-  raise ValueError(f'chat template: {message}')
+  """The text of `messages` under `template` (None: the LLaDA format), BOS given as text."""
+  return chat_template.render(template or chat_template.LLADA_TEMPLATE, messages,
+                              {'bos_token': bos_text} if bos_text else {},
+                              add_generation_prompt=add_generation_prompt)
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -172,14 +174,21 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
   Trailing whitespace of the context moves to the start of the continuation;
   the whole string is encoded, and the continuation is what follows the
   context's own tokens (a token merged across the boundary counts as context).
-  No BOS is added here (the scorers' `add_bos` does that).
+  If that leaves the continuation empty (its text merged into the context's
+  last token), the continuation is encoded alone. Special tokens written in
+  the text are their ids (`encode_special`). No BOS is added here (the
+  scorers' `add_bos` does that).
   """
+  encode = getattr(tok, 'encode_special', tok.encode)
   n = len(context) - len(context.rstrip())
   if n:
     context, continuation = context[:-n], context[-n:] + continuation
-  ctx = tok.encode(context) if context else []
-  whole = tok.encode(context + continuation)
-  return ctx, whole[len(ctx):]
+  ctx = encode(context) if context else []
+  whole = encode(context + continuation)
+  cont = whole[len(ctx):]
+  if not cont and continuation:
+    cont = encode(continuation)
+  return ctx, cont
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None,
@@ -203,9 +212,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = Non
 
 
 def completion_ids(cfg: ModelConfig, gen_ids: Sequence[int]) -> list[int]:
-  """Generated ids up to (excluding) the first EOS/EOT/MASK."""
+  """Generated ids up to (excluding) the first end id (`cfg.end_token_ids`) or MASK."""
   out = []
-  ends = {cfg.eos_token_id, cfg.eot_token_id, cfg.mask_token_id} - {None}
+  ends = {*cfg.end_token_ids, cfg.mask_token_id}
   for t in gen_ids:
     if int(t) in ends:
       break

@@ -239,8 +239,8 @@ def candidates(cfg: ModelConfig, o: SamplingOptions, logits_BWV, key_B, temp_B):
   v = logits_BWV.shape[-1]
   if o.vocab_limit is not None and o.vocab_limit < v:
     logits_BWV = jnp.where(jnp.arange(v) < o.vocab_limit, logits_BWV, -jnp.inf)
-  if o.logits_eos_inf:
-    logits_BWV = logits_BWV.at[..., cfg.eos_token_id].set(-jnp.inf)
+  if o.logits_eos_inf:  # every EOS id the checkpoint declares (not EOT, as published)
+    logits_BWV = logits_BWV.at[..., jnp.asarray(cfg.eos_token_ids)].set(-jnp.inf)
   keys_B2 = jax.vmap(jax.random.split)(key_B)
   if o.stochastic:
     noise_BWV = jax.vmap(lambda k: jax.random.gumbel(k, logits_BWV.shape[1:], f32))(keys_B2[:, 0])
@@ -264,10 +264,10 @@ def candidates(cfg: ModelConfig, o: SamplingOptions, logits_BWV, key_B, temp_B):
 
 
 def is_end(cfg: ModelConfig, x):
-  """bool, same shape: the token is EOS or EOT."""
+  """bool, same shape: the token ends a request (any EOS id, EOT: `cfg.end_token_ids`)."""
   out = x == cfg.eos_token_id
-  if cfg.eot_token_id is not None:
-    out |= x == cfg.eot_token_id
+  for t in cfg.end_token_ids[1:]:
+    out |= x == t
   return out
 
 

@@ -10,7 +10,7 @@ Two kinds of record (one file may hold both):
         the final one only), each with the conversation before it as prompt:
           prompt   = the chat prompt of the messages before the turn, ending in
                      the assistant header: the very ids `illada-sample --chat`
-                     feeds the model (`PromptFormat.chat_ids`), BOS as the
+                     feeds the model (`PromptFormat.encode`), BOS as the
                      format gives it (`DataConfig.add_bos` is not applied);
           response = the text the format renders for the turn (its content, the
                      end-of-turn token and whatever the template puts after it,
@@ -156,31 +156,34 @@ def check_messages(messages: Any, where: str) -> list[dict]:
 
 
 def chat_turns(fmt: PromptFormat, tok, bos_id: int | None, messages: Sequence[dict],
-               where: str = '<messages>', turns: str = 'all'
+               where: str = '<messages>', turns: str = 'all', eos_id: int | None = None
                ) -> list[tuple[list[int], list[int]]]:
   """(prompt ids, response ids) of each assistant turn of `messages` (module docstring).
 
-  Raises ValueError naming `where` for a bad conversation, or if the format
-  does not render history + turn as the history's prompt followed by more text.
+  The prompt is `fmt.render` of the history with the generation prompt,
+  encoded by `Tokenizer.encode_special`: the ids `PromptFormat.encode` gives
+  the sampler for the same messages. Raises ValueError naming `where` for a
+  bad conversation, or if the format does not render history + turn as the
+  history's prompt followed by more text.
   """
   messages = check_messages(messages, where)
   index = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
   if turns == 'last':
     index = index[-1:]
   out = []
-  import jinja2
   for i in index:
     try:
-      pre_ids, prompt_text = fmt.render_chat(tok, bos_id, messages[:i])
-      full_ids, full_text = fmt.render_chat(tok, bos_id, messages[:i + 1],
-                                            add_generation_prompt=False)
-    except (ValueError, jinja2.TemplateError) as e:
+      prompt_text = fmt.render(tok, messages[:i], bos_id, eos_id)
+      full_text = fmt.render(tok, messages[:i + 1], bos_id, eos_id, add_generation_prompt=False,
+                             close_final_message=True)
+    except ValueError as e:
       raise ValueError(f'{where}: rendering message {i}: {e}') from None
-    if full_ids != pre_ids or not full_text.startswith(prompt_text):
+    if not full_text.startswith(prompt_text):
       raise ValueError(f'{where}: the chat template does not render message {i} as a '
                        f'continuation of the prompt before it, so its reply cannot be '
                        f'split off (prompt ends {prompt_text[-40:]!r})')
-    out.append((pre_ids + tok.encode(prompt_text), tok.encode(full_text[len(prompt_text):])))
+    out.append((tok.encode_special(prompt_text),
+                tok.encode_special(full_text[len(prompt_text):])))
   return out
 
 
@@ -217,7 +220,7 @@ class SftRows(grain.experimental.FlatMapTransform):
     if isinstance(record, dict) and messages_key in record:
       rows = []
       for prompt, response in chat_turns(self.fmt, self.tok, self.bos_id, record[messages_key],
-                                         where, self.turns):
+                                         where, self.turns, self.eos_id):
         c.rows += 1
         row, cut = fit_chat_row(prompt, response, self.seq_len, self.eos_id, self.bos_id,
                                 self.overlong)

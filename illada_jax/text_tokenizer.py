@@ -7,8 +7,10 @@ trained here share the 8B checkpoint's token-id conventions.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import re
 from typing import Iterable, Sequence
 
 MASK_PIECE = '<|mdm_mask|>'
@@ -42,9 +44,38 @@ class Tokenizer:
       self.mask_id = _first(tid, ('<|mdm_mask|>', '<[MASK]>', '<mask>'))
 
   def encode(self, text: str) -> list[int]:
+    """Ids of `text`. A `tokenizer.json` turns its added tokens written in the text into
+    their ids; SentencePiece does so for user-defined pieces only (see `encode_special`)."""
     if self._sp is not None:
       return list(self._sp.encode(text))
     return list(self._hf.encode(text, add_special_tokens=False).ids)
+
+  def encode_special(self, text: str) -> list[int]:
+    """Ids of text that may spell special tokens (a rendered chat template, a prompt).
+
+    Every special token written in the text becomes its id, as transformers'
+    tokenizers do: for `tokenizer.json` this is `encode`; SentencePiece's
+    control pieces (`<s>`, `</s>`, ...), which it would otherwise split into
+    ordinary pieces, are cut out and the text between them encoded alone.
+    """
+    if self._sp is None or not self._control:
+      return self.encode(text)
+    ids, start = [], 0
+    for m in self._control.finditer(text):
+      if m.start() > start:
+        ids += self._sp.encode(text[start:m.start()])
+      ids.append(self._sp.piece_to_id(m.group()))
+      start = m.end()
+    if start < len(text):
+      ids += self._sp.encode(text[start:])
+    return ids
+
+  @functools.cached_property
+  def _control(self):
+    """A regex of the SentencePiece control pieces (longest first), or None."""
+    pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size) if self._sp.is_control(i)]
+    pieces = sorted({p for p in pieces if p}, key=len, reverse=True)
+    return re.compile('|'.join(map(re.escape, pieces))) if pieces else None
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`; ids the tokenizer does not know (padded embedding rows) are dropped."""

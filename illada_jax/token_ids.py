@@ -15,6 +15,11 @@
 
 A missing mask or EOS id raises ValueError saying where it was looked for;
 a missing PAD is the EOS (as in LLaDA); a missing BOS or EOT is None.
+
+Every EOS id a checkpoint declares ends a request (`ModelConfig.end_token_ids`):
+`eos_token_id` of `config.json` (an int or a list: its first is THE EOS, used
+for padding), of `generation_config.json` beside it, and the tokenizer's own
+EOS token; the ones besides the EOS become `extra_eos_token_ids`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Mapping
 
 FIELDS = ('mask_token_id', 'bos_token_id', 'eos_token_id', 'pad_token_id', 'eot_token_id')
 TOKENIZER_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.json')
+GENERATION_CONFIG = 'generation_config.json'
 _ROLES = {'mask_token_id': 'mask_token', 'bos_token_id': 'bos_token',
           'eos_token_id': 'eos_token', 'pad_token_id': 'pad_token'}
 # Token texts that mean a role in the published tokenizers, whatever the maps say.
@@ -91,12 +97,27 @@ def from_tokenizer_files(directory: str | os.PathLike) -> dict[str, int]:
   return found
 
 
+def _id_list(v) -> list[int]:
+  if isinstance(v, (list, tuple)):
+    return [int(i) for i in v]
+  return [] if v is None else [int(v)]
+
+
 def resolve(hf: Mapping[str, Any], family: str, vocab_size: int,
-            tokenizer_dir: str | os.PathLike | None) -> dict[str, int | None]:
-  """The five ids of a checkpoint from its `config.json` dict `hf` and `tokenizer_dir`."""
+            tokenizer_dir: str | os.PathLike | None) -> dict[str, Any]:
+  """The five ids of a checkpoint from its `config.json` dict `hf` and `tokenizer_dir`,
+  and `extra_eos_token_ids`: every other EOS id it declares (module docstring)."""
   out = {f: _first_id(hf.get(f)) for f in FIELDS}
-  if tokenizer_dir is not None and any(v is None for v in out.values()):
-    for field, value in from_tokenizer_files(tokenizer_dir).items():
+  eos_ids = _id_list(hf.get('eos_token_id'))
+  if tokenizer_dir is not None:
+    gen_path = os.path.join(tokenizer_dir, GENERATION_CONFIG)
+    eos_ids += _id_list((_load(gen_path) or {}).get('eos_token_id'))
+    from_files = from_tokenizer_files(tokenizer_dir)
+    if 'eos_token_id' in from_files:
+      eos_ids.append(from_files['eos_token_id'])
+    if out['eos_token_id'] is None and eos_ids:
+      out['eos_token_id'] = eos_ids[0]
+    for field, value in from_files.items():
       if out[field] is None:
         out[field] = value
   fallback = FALLBACK_8B.get((family, vocab_size), {})
@@ -108,6 +129,8 @@ def resolve(hf: Mapping[str, Any], family: str, vocab_size: int,
   for field in ('mask_token_id', 'eos_token_id'):
     if out[field] is None:
       raise ValueError(_not_found(field, family, vocab_size, tokenizer_dir))
+  out['extra_eos_token_ids'] = tuple(dict.fromkeys(
+      i for i in eos_ids if i != out['eos_token_id']))
   return out
 
 

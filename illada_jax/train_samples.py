@@ -20,7 +20,6 @@ Prompts are cut from the left so that prompt + completion fit `max_len`.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -58,8 +57,7 @@ class EvalSampler:
     self.cfg = cfg
     model, n = cfg.model, cfg.eval_samples
     self.tok = data_lib.text_tokenizer.load(cfg.data.tokenizer)
-    fmt = prompts.PromptFormat(add_bos=cfg.data.add_bos,
-                               chat_template=self._template(cfg))
+    fmt = data_lib.prompt_format(cfg.data)  # the format the SFT rows were rendered in
     records = data_lib.record_source(cfg.data.eval_paths or cfg.data.paths, cfg.data.format)
     self.options = sampling.SamplingOptions(gen_length=cfg.eval_gen_length,
                                             vocab_limit=self.tok.vocab_size)
@@ -73,17 +71,11 @@ class EvalSampler:
       chat = not isinstance(prompt, str)
       ids = fmt.encode(self.tok, model, prompt, chat=chat)[-room:]
       self.prompts.append(prompt if isinstance(prompt, str) else
-                          prompts.chat_text(prompt, '', fmt.chat_template))
+                          fmt.render(self.tok, prompt, model.bos_token_id, model.eos_token_id))
       self.references.append(reference)
       rows.append(ids)
     shards = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape]))
     self.ids_BP, self.mask_BP = prompts.left_pad(rows, model.pad_token_id, multiple=shards)
-
-  @staticmethod
-  def _template(cfg) -> str | None:
-    tok = cfg.data.tokenizer
-    tok_dir = tok if os.path.isdir(tok) else os.path.dirname(tok)
-    return prompts.PromptFormat.from_checkpoint(tok_dir).chat_template
 
   def __call__(self, params) -> list[dict[str, str]]:
     """[{'prompt', 'completion', 'reference'}] of the prepared prompts under `params`."""

@@ -410,3 +410,74 @@ def start_server(ckpt: str, *flags: str, timeout: float = 600.):
     time.sleep(0.5)
   proc.kill()
   raise RuntimeError(f'illada-serve not ready after {timeout} s: {open(log.name).read()[-2000:]}')
+
+
+# -- checkpoints saved by the installed transformers ----------------------------------
+
+def transformers_llama(path, cfg, seed=0, dtype='float32', config_edit=None):
+  """A Llama-layout HF directory written by transformers' own `save_pretrained`.
+
+  `cfg` gives the sizes and `rope_theta`; weights are transformers' random
+  init under `seed`, in `dtype`. `config_edit(dict) -> dict` rewrites the
+  saved `config.json` (e.g. into a 4.x-style one). Returns `path`.
+  """
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=cfg.max_len, bos_token_id=cfg.bos_token_id,
+      eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+      mask_token_id=cfg.mask_token_id, initializer_range=0.2)
+  model = transformers.LlamaForCausalLM(hf_cfg).to(getattr(torch, dtype))
+  model.save_pretrained(path)
+  if config_edit is not None:
+    with open(os.path.join(path, 'config.json')) as f:
+      conf = config_edit(json.load(f))
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+      json.dump(conf, f)
+  return str(path)
+
+
+def transformers_logits(path, tokens):
+  """float32 `[B, L, V]` logits of the HF directory `path` loaded by
+  `AutoModelForCausalLM`, attention made bidirectional (a 4D additive mask of zeros)."""
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=torch.float32, attn_implementation='eager').eval()
+  b, l = tokens.shape
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
+                attention_mask=torch.zeros((b, 1, l, l)))
+  return out.logits.float().numpy()
+
+
+CHAT_CORPUS = ['the cat sat on the mat .', 'what is two plus two ?', 'four .',
+               'You are a helpful assistant .', 'hello there , how are you ?']
+
+
+def transformers_tokenizer(path, template=None, specials=('<s>', '</s>', '<unk>', '<pad>'),
+                           added=(), **roles):
+  """A byte-level BPE tokenizer saved by transformers' own `save_pretrained` in `path`.
+
+  `specials` are special tokens (ids 0.. in order), `added` more of them
+  (e.g. '<|im_start|>'); `roles` name them (`bos_token='<s>'`, ...).
+  `template` is a string or {name: template}. The BPE is trained on
+  `CHAT_CORPUS` (milliseconds). Returns `path`.
+  """
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[*specials, *added],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(CHAT_CORPUS, trainer)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
+                                              **roles)
+  fast.save_pretrained(path)
+  return str(path)

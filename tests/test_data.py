@@ -119,3 +119,22 @@ def test_tokenizer_json(tmp_path):
   t = text_tokenizer.load(str(tmp_path))
   assert (t.bos_id, t.pad_id, t.eos_id, t.mask_id) == (0, 1, 2, 5)
   assert t.decode(t.encode('hello number 3')).strip() == 'hello number 3'
+
+
+def test_rows_use_the_models_eos_and_refuse_a_tokenizer_with_another(tmp_path, tok):
+  """The model's EOS separates documents and pads SFT rows; the tokenizer's must be one of
+  the model's EOS ids, else the error names both."""
+  import illada_jax
+  docs, pairs = str(tmp_path / 'd.jsonl'), str(tmp_path / 'p.jsonl')
+  data.write_jsonl(docs, [{'text': d} for d in DOCS])
+  data.write_jsonl(pairs, [{'prompt': 'document', 'response': 'x'}])
+  model = illada_jax.get_preset('illada_tiny').replace(vocab_size=64, eos_token_id=9,
+                                                       extra_eos_token_ids=(tok.eos_id,))
+  first = lambda path, objective='pretrain', model=model: next(iter(data.make_dataset(
+      data.DataConfig(paths=(path,), tokenizer=tok.path, shuffle=False), batch_size=1,
+      seq_len=16, objective=objective, seed=0, process_index=0, process_count=1,
+      repeat=False, model=model)))['tokens'][0].tolist()
+  assert first(docs) == ([model.bos_token_id] + tok.encode(DOCS[0]) + [9])[:16]
+  assert first(pairs, 'sft')[-1] == 9
+  with pytest.raises(ValueError, match=f'EOS id {tok.eos_id} is not the model.s EOS 3'):
+    first(docs, model=model.replace(eos_token_id=3, extra_eos_token_ids=()))

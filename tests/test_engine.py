@@ -266,3 +266,19 @@ def test_stop_strings_are_found_in_the_text_not_by_standalone_ids(tmp_path):
     assert d.text == (whole.split(marker, 1)[1].lstrip() if marker in whole else whole)
     assert d.token_ids == free[i].token_ids
   assert got[c.id].text != free[c.id].text
+
+
+def test_every_eos_id_of_the_checkpoint_ends_a_request():
+  """An id declared as one more EOS (`extra_eos_token_ids`) ends a request where it appears:
+  the sampler's variable-length stop and the engine's cut both see it."""
+  params = make_params(LLADA)
+  reqs = requests(MODES['variable'], 2)
+  first = {c.id: c.token_ids for c in engine.Engine(LLADA, params, slots=2).generate(reqs)}
+  extra = first[0][len(first[0]) // 2]  # a token the first request generates mid-way
+  cfg = LLADA.replace(extra_eos_token_ids=(extra,))
+  got = {c.id: c for c in engine.Engine(cfg, params, slots=2).generate(reqs)}
+  for r in reqs:
+    ids = first[r.id]
+    cut = ids.index(extra) if extra in ids else len(ids)
+    assert got[r.id].token_ids == ids[:cut], r.id
+  assert got[0].finish_reason == 'eos' and len(got[0].token_ids) < len(first[0])

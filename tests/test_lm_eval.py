@@ -4,7 +4,7 @@ context/continuation split, against hand-computed values and the library."""
 import numpy as np
 import pytest
 
-from illada_jax import prompts, sampling, scoring
+from illada_jax import engine, prompts, sampling, scoring
 
 from helpers import WORD_CFG as CFG
 from helpers import greedy_by_hand, word_checkpoint
@@ -39,6 +39,8 @@ def test_context_continuation_split_as_lm_eval():
   # 'a' + 'b c' encodes as 'ab', ' c': the merged 'b' counts as context.
   assert prompts.encode_pair(tok, 'a', 'b c') == ([v('a')], [v(' c')])
   assert prompts.encode_pair(tok, '', 'ab') == ([], [v('ab')])
+  # A continuation the joint encoding merges into the context's last token is encoded alone.
+  assert prompts.encode_pair(tok, 'a', 'b') == ([v('a')], [Pieces.VOCAB.index('b')])
 
 
 class _Req:
@@ -114,7 +116,7 @@ def test_presets_and_end_think_text_reach_generation(ckpt):
     make(path, 'end_think_bost=3')
 
 
-def _lm_eval_cli(tmp_path, model_args, tasks):
+def _lm_eval_cli(tmp_path, model_args, tasks, extra=()):
   """lm-eval's own command line (`python -m illada_jax.lm_eval_adapter` registers the model):
   `(results, {task: [sample records in doc order]})`."""
   import glob
@@ -126,7 +128,8 @@ def _lm_eval_cli(tmp_path, model_args, tasks):
   env = dict(os.environ, HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='0')
   cmd = [sys.executable, '-m', 'illada_jax.lm_eval_adapter', '--model', 'illada_jax',
          '--model_args', model_args, '--include_path', str(tmp_path / 'tasks'), '--tasks',
-         ','.join(tasks), '--batch_size', '4', '--output_path', str(out), '--log_samples']
+         ','.join(tasks), '--batch_size', '4', '--output_path', str(out), '--log_samples',
+         *extra]
   run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   [results] = glob.glob(str(out / '**' / 'results_*.json'), recursive=True)
@@ -234,3 +237,114 @@ def test_lm_eval_command_line_reports_what_the_library_computes(ckpt, tmp_path):
   np.testing.assert_allclose(np.concatenate(got), np.concatenate(by_mc), rtol=1e-5)
   acc = np.mean([int(np.argmax(s)) == l for s, l in zip(by_mc, labels)])
   assert results['ill_mc']['acc,none'] == pytest.approx(acc)
+
+
+# -- lm-eval request semantics (module docstring of the adapter) --------------------------
+
+def test_fit_generation_honours_max_gen_toks_up_to_the_window():
+  fit = lm_eval_adapter.fit_generation
+  o = sampling.SamplingOptions(gen_length=8, block_length=4, steps=8)  # 4 steps per block
+  got, keep = fit(o, 64, 10, 30)  # more than gen_length: whole blocks, steps per block kept
+  assert (got.gen_length, got.steps, keep) == (32, 32, 10)
+  got, keep = fit(o, 64, 10, 3)  # fewer: gen_length is the default canvas
+  assert (got.gen_length, got.steps, keep) == (8, 8, 10)
+  got, keep = fit(o, 64, 10, 500)  # the window: one prompt token at least
+  assert (got.gen_length, keep) == (60, 4)
+  got, keep = fit(o, 64, 58, 6)  # a long prompt shrinks the canvas to what the task asks
+  assert (got.gen_length, keep) == (8, 56)
+  got, keep = fit(o.replace(gen_length=40, steps=40), 64, 100, None)
+  assert (got.gen_length, got.steps, keep) == (40, 40, 24)  # then loses its oldest tokens
+  v = sampling.SamplingOptions(gen_length=16, block_length=4, variable_length=True, steps=2)
+  assert fit(v, 64, 5, 40)[0].steps == 2  # variable length: steps are per block already
+  with pytest.raises(ValueError, match='block_length=64 leaves no room'):
+    fit(o.replace(gen_length=64, block_length=64, steps=64), 64, 1, None)
+
+
+@pytest.mark.parametrize('kwargs, default, want', [
+    ({}, 0.3, 0.3), ({'do_sample': False, 'temperature': 0.7}, 0.3, 0.),
+    ({'temperature': 0.0}, 0.3, 0.), ({'do_sample': True}, 0., 1.),
+    ({'do_sample': True, 'temperature': 0.5}, 0., 0.5), ({'temperature': 0.8}, 0., 0.8)])
+def test_task_sampling_settings_set_the_request_temperature(kwargs, default, want):
+  assert lm_eval_adapter.request_temperature(default, kwargs) == want
+
+
+def test_generate_until_requests_as_lm_eval_asks(ckpt, monkeypatch):
+  """What the adapter hands the engine: temperatures, independent repeats, the task's
+  length over gen_length, an over-long context cut from the left, defaults fitted to max_len."""
+  path, _ = ckpt
+  lm = make(path, 'steps=6')  # no lengths given: fitted to max_len 64
+  assert (lm.options.gen_length, lm.options.block_length) == (48, 16)
+  seen = []
+
+  def capture(reqs):
+    seen.extend(reqs)
+    return [engine.Completion(id=r.id, text='x', token_ids=[], finish_reason='eos',
+                              generated=0, steps=0) for r in reqs]
+  monkeypatch.setattr(lm.engine, 'generate', capture)
+  long_ctx = ' '.join(f'w{i % 50}' for i in range(100))
+  sample = {'until': ['w9'], 'do_sample': True, 'temperature': 0.9, 'max_gen_toks': 20}
+  rep = _Req('w1 w2', sample)
+  reqs = [rep, rep, rep, _Req('w1 w2', {'do_sample': False, 'max_gen_toks': 60}),
+          _Req(long_ctx, {'max_gen_toks': 8})]
+  assert lm.generate_until(reqs) == ['x'] * 5
+  assert [r.options.temperature for r in seen] == [0.9, 0.9, 0.9, 0., 0.]
+  seeds = [r.seed for r in seen[:3]]
+  assert len(set(seeds)) == 3 and seeds[0] == lm_eval_adapter.content_seed(0, 'w1 w2')
+  assert seeds == [lm_eval_adapter.repeat_seed(0, 'w1 w2', k) for k in range(3)]
+  assert (seen[3].options.gen_length, seen[3].max_new_tokens) == (48, 60)  # window: 63 // 16
+  assert seen[3].options.steps == 6  # 2 steps per block, 3 blocks
+  # 100 context tokens: the canvas shrinks to the task's 8 tokens (one block of 16), and the
+  # context keeps its last 64 - 16 tokens.
+  assert (seen[4].options.gen_length, seen[4].options.steps) == (16, 2)
+  assert list(seen[4].prompt_ids) == [6 + i % 50 for i in range(100)][-48:]
+
+
+def test_missing_checkpoint_is_one_clear_error():
+  with pytest.raises(ValueError, match='model_args needs ckpt=DIR'):
+    get_model('illada_jax').create_from_arg_string('')
+  with pytest.raises(ValueError, match='ckpt=/nonexistent is not a directory'):
+    get_model('illada_jax').create_from_arg_string('ckpt=/nonexistent')
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} <|eot_id|> {% endfor %}"
+                 "{% if add_generation_prompt %}w9 {% endif %}")
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_chat_repeats_sampling_and_lengths(tmp_path):
+  """Through lm-eval's CLI with --apply_chat_template: the context gets the ids
+  `PromptFormat.encode` gives the messages; `repeats: 2` with `do_sample` draw twice,
+  independently; `max_gen_toks` over gen_length is honoured; an over-long context is cut."""
+  path, params = word_checkpoint(str(tmp_path / 'ck'), {'chat_template': CHAT_TEMPLATE})
+  tok, fmt = prompts.load_tokenizer(path), prompts.PromptFormat.from_checkpoint(path)
+  o = sampling.SamplingOptions(gen_length=8, block_length=4, steps=8)
+  docs = ['w1 w2', ' '.join(f'w{i % 50}' for i in range(70))]
+  max_toks = 20
+
+  def library(context):
+    messages = [{'role': 'user', 'content': context}]
+    text = fmt.render(tok, messages, CFG.bos_token_id, CFG.eos_token_id)
+    ids = fmt.encode(tok, CFG, messages)
+    opts, keep = lm_eval_adapter.fit_generation(o, CFG.max_len, len(ids), max_toks)
+    ids = ids[len(ids) - keep:]
+    out = []
+    for k in range(2):
+      s = sampling.sample(CFG, params, np.asarray([ids]), options=opts.replace(temperature=1.),
+                          seeds=[lm_eval_adapter.repeat_seed(0, text, k)])
+      gen = prompts.completion_ids(CFG, np.asarray(s.tokens)[0, len(ids):])[:max_toks]
+      out.append(tok.decode(gen))
+    return text, out
+
+  want = [library(c) for c in docs]
+  _write_task(tmp_path, 'ill_chat', [{'context': c, 'target': 'w0'} for c in docs],
+              'output_type: generate_until\ndoc_to_text: "{{context}}"\n'
+              'doc_to_target: "{{target}}"\nrepeats: 2\ngeneration_kwargs:\n'
+              f'  until: []\n  do_sample: true\n  temperature: 1.0\n  max_gen_toks: {max_toks}\n'
+              'metric_list:\n  - metric: exact_match\n')
+  _, samples = _lm_eval_cli(tmp_path, f'ckpt={path},gen_length=8,block_length=4,steps=8',
+                            ['ill_chat'], extra=['--apply_chat_template'])
+  for s, (text, outs) in zip(samples['ill_chat'], want):
+    assert s['arguments']['gen_args_0']['arg_0'] == text
+    assert s['resps'][0] == outs  # the k-th copy's draw in the k-th place
+  assert want[0][1][0] != want[0][1][1]  # the two draws differ
+  assert max(len(t.split()) for _, outs in want for t in outs) > 8  # longer than gen_length

@@ -4,6 +4,7 @@ rule and its counts, bad records named by file and line, exact resume, and a sho
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -125,7 +126,8 @@ def test_two_turn_chat_gives_the_hand_checked_rows(tmp_path, family):
   t = text_tokenizer.load(tok)
   fmt = prompts.PromptFormat.from_checkpoint(tok)
   for (prompt, _), end in zip(rows, (2, 4)):
-    assert fmt.chat_ids(t, t.bos_id, CHAT[:end]) == prompt
+    ids = types.SimpleNamespace(bos_token_id=t.bos_id, eos_token_id=t.eos_id)
+    assert fmt.encode(t, ids, CHAT[:end]) == prompt  # what --chat / lm-eval / the server use
   # 'last': the final turn only.
   last = _rows(data.DataConfig(paths=(path,), tokenizer=tok, shuffle=False, chat_turns='last'), 48)
   assert len(last) == 1
@@ -233,7 +235,8 @@ def test_a_template_refusing_a_conversation_is_named_by_file_and_line(tmp_path):
                        tokenizer_config={'chat_template': template})
   path = write_jsonl(tmp_path / 'chat.jsonl', [{'messages': CHAT[1:3]}, {'messages': CHAT}])
   cfg = data.DataConfig(paths=(path,), tokenizer=tok)
-  with pytest.raises(ValueError, match=f'{path}:2: rendering message 2: chat template: no system'):
+  where = f'{path}:2: rendering message 2: {tok}/tokenizer_config.json'
+  with pytest.raises(ValueError, match=f'{where}: chat template: no system'):
     data.sft_counts(cfg, seq_len=48)
 
 
@@ -248,8 +251,11 @@ def test_chat_template_setting_overrides_the_tokenizer_directory(tmp_path):
   assert fmt(str(file)).chat_template == ILLADA_TEMPLATE
   assert fmt(str(conf)).chat_template == LLADA_TEMPLATE
   assert fmt(_illada_tok(tmp_path)).chat_template == ILLADA_TEMPLATE  # a directory
-  with pytest.raises(ValueError, match='has no "chat_template"'):
+  with pytest.raises(ValueError, match=f'{tok}: no chat template'):
     fmt(tok)
+  (tmp_path / 'other.json').write_text('{"chat_template": [{"name": "tool_use", "template": "x"}]}')
+  with pytest.raises(ValueError, match='other.json has no "chat_template" .*tool_use'):
+    fmt(str(tmp_path / 'other.json'))
   with pytest.raises(FileNotFoundError, match='data.chat_template'):
     fmt(str(tmp_path / 'missing.jinja'))
 

@@ -90,3 +90,23 @@ def test_missing_mask_id_says_where_it_looked(tmp_path):
   for part in (str(path), "'mask_token_id'", "'mask_token'", '<|mdm_mask|>', str(tmp_path),
                'found: tokenizer_config.json', 'vocabulary 128'):
     assert part in msg, (part, msg)
+
+
+
+def test_every_declared_eos_id_ends_a_request(tmp_path):
+  """config.json lists, generation_config.json and the tokenizer's EOS all end a request."""
+  import numpy as np
+  from illada_jax import prompts, sampling
+  hf = _llada_small_hf(eos_token_id=[122, 7])
+  (tmp_path / 'generation_config.json').write_text(json.dumps({'eos_token_id': [122, 9, 7]}))
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps(
+      {'eos_token': '<end>', 'added_tokens_decoder': {'11': {'content': '<end>'}}}))
+  cfg = ModelConfig.from_hf(hf, tmp_path)
+  assert cfg.eos_token_id == 122 and cfg.extra_eos_token_ids == (7, 9, 11)
+  assert cfg.end_token_ids == (122, 7, 9, 11, 123)  # and EOT
+  assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert cfg.to_hf()['eos_token_id'] == [122, 7, 9, 11]
+  assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+  x = np.array([[3, 7, 122, 9, 11, 123, 4]])
+  np.testing.assert_array_equal(sampling.is_end(cfg, x), [[0, 1, 1, 1, 1, 1, 0]])
+  assert prompts.completion_ids(cfg, [3, 4, 9, 5]) == [3, 4]

@@ -39,6 +39,14 @@ from illada_jax.checkpoint.safetensors_io import HFSource, OutTensor, parse_size
 from illada_jax.config import ModelConfig
 
 
+# The source's own modelling code (`auto_map` / `trust_remote_code`), kept for the way back.
+REMOTE_CODE = ('*.py',)
+# hf_source.json's safetensors dtype names -> the `dtype` argument of `orbax_to_hf`.
+_SOURCE_DTYPES = {'BF16': 'bfloat16', 'F32': 'float32', 'F16': 'float16'}
+# Keys of the source's config.json that say which code loads the model: kept on the way back.
+_LOADER_KEYS = ('model_type', 'architectures', 'auto_map')
+
+
 class _Progress:
   """tqdm over bytes written, with tensors done in the postfix (thread-safe enough)."""
 
@@ -148,10 +156,13 @@ def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
       bar.close()
     store.write_config(tmp, cfg)
     dtypes = sorted({src.entries[m.hf_name(0 if m.stacked else None)].dtype for m in maps})
+    with open(os.path.join(src.dir, 'config.json')) as f:
+      source_config = json.load(f)
     store.write_json(os.path.join(tmp, store.SOURCE_FILE), {
         'family': cfg.family, 'tied_head_stored': tied_head, 'source_dtypes': dtypes,
-        'source_dir': src.dir})
+        'source_dir': src.dir, 'config': source_config})
     store.copy_tokenizer_files(src.dir, tmp)
+    store.copy_matching(src.dir, tmp, REMOTE_CODE)
   return cfg
 
 
@@ -161,13 +172,18 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
   """Converts a checkpoint directory back to a Hugging Face directory of its family.
 
   `src_dir` is a converted checkpoint or a training step directory
-  (`<workdir>/checkpoints/<step>`). Writes `config.json` (`cfg.to_hf()`),
-  safetensors shards of at most `shard_size`, `model.safetensors.index.json`
-  and the tokenizer files. `dtype` ('bfloat16', 'float32', 'float16'; default:
-  as stored) casts every tensor (round to nearest even), e.g. a run's float32
-  master weights to bfloat16. A tied head is written only if the converted
-  source had one (`hf_source.json`). Raises ConversionError on any bad input,
-  and if `dst_dir` is `src_dir`, inside it, or holds it.
+  (`<workdir>/checkpoints/<step>`). Writes `config.json`, safetensors shards
+  of at most `shard_size`, `model.safetensors.index.json`, the tokenizer
+  files and chat templates, so that the directory loads where the source did
+  (`hf_config`): the source's `config.json` (recorded in `hf_source.json`)
+  with the model's values, keeping its `model_type`, `architectures` and
+  `auto_map`, and its remote-code `*.py` files (from the checkpoint, else
+  from the source directory when it still exists). `dtype` ('bfloat16',
+  'float32', 'float16'; default: the source's single dtype from
+  `hf_source.json`, else as stored) casts every tensor (round to nearest
+  even), e.g. a run's float32 master weights to bfloat16. A tied head is
+  written only if the converted source had one. Raises ConversionError on any
+  bad input, and if `dst_dir` is `src_dir`, inside it, or holds it.
   """
   if dtype not in (None, 'bfloat16', 'float32', 'float16'):
     raise ConversionError(f'--dtype {dtype}: expected bfloat16, float32 or float16')
@@ -200,6 +216,9 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
       source = json.load(f)
   tensors = _to_hf.out_tensors(cfg, arrays, bool(source.get('tied_head_stored', False)))
   stored_dtype = str(np.dtype(arrays['embedder/embedding'].dtype.numpy_dtype))
+  source_dtypes = source.get('source_dtypes') or []
+  if dtype is None and len(source_dtypes) == 1 and source_dtypes[0] in _SOURCE_DTYPES:
+    dtype = _SOURCE_DTYPES[source_dtypes[0]]  # as the source was stored
   if dtype is not None:  # the shard writer casts each chunk to its tensor's dtype
     out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == 'bfloat16' else np.dtype(dtype)
     tensors = [dataclasses.replace(t, dtype=out_dtype) for t in tensors]
@@ -210,10 +229,33 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
       write_safetensors(tmp, _counting(tensors, bar), shard_bytes, bar.add_bytes)
     finally:
       bar.close()
-    hf = cfg.replace(param_dtype=stored_dtype).to_hf()
-    store.write_json(os.path.join(tmp, 'config.json'), hf)
+    store.write_json(os.path.join(tmp, 'config.json'),
+                     hf_config(cfg.replace(param_dtype=stored_dtype), source.get('config')))
     store.copy_tokenizer_files(src, tmp)
+    code_dir = source.get('source_dir')
+    if not store.copy_matching(src, tmp, REMOTE_CODE) and code_dir and os.path.isdir(code_dir):
+      store.copy_matching(code_dir, tmp, REMOTE_CODE)
   return cfg
+
+
+def hf_config(cfg: ModelConfig, source: dict | None) -> dict:
+  """The `config.json` of an export: `cfg.to_hf()` over the source's own config.
+
+  The source's other keys stay (transformers' bookkeeping, `rope_parameters`
+  spelled its way, ...), and so do the keys that choose the code that loads
+  it (`model_type`, `architectures`, `auto_map`): a Llama checkpoint comes
+  back as `llama`, a remote-code one with its `auto_map`.
+  """
+  hf = cfg.to_hf()
+  if not source:
+    return hf
+  out = {**source, **hf}
+  for key in _LOADER_KEYS:
+    if key in source:
+      out[key] = source[key]
+  if 'rope_parameters' in source and 'rope_theta' not in source:
+    out.pop('rope_theta')  # transformers 5 style: theta lives in rope_parameters only
+  return out
 
 
 def _counting(tensors: list[OutTensor], bar: _Progress) -> list[OutTensor]:

@@ -10,7 +10,8 @@ Layout of a checkpoint directory:
                        source looked (family, dtype, whether a tied head was
                        stored), so `orbax-to-hf` can reproduce it
   tokenizer.json, tokenizer_config.json, *.model, special_tokens_map.json,
-  generation_config.json   copied verbatim when present
+  added_tokens.json, generation_config.json, chat_template.jinja,
+  additional_chat_templates/   copied verbatim when present
 
 `save_checkpoint` / `load_checkpoint` use the stock Orbax API (its default
 OCDBT layout). The converter writes the same kind of item leaf by leaf
@@ -48,19 +49,34 @@ PARAMS_ITEM = 'params'
 CONFIG_FILE = 'model_config.json'
 SOURCE_FILE = 'hf_source.json'
 TOKENIZER_PATTERNS = ('tokenizer.json', 'tokenizer_config.json', '*.model',
-                      'special_tokens_map.json', 'generation_config.json')
+                      'special_tokens_map.json', 'added_tokens.json', 'generation_config.json',
+                      'chat_template.jinja', 'additional_chat_templates')
 
 
 # -- directory helpers ----------------------------------------------------------
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
-  """Copies the tokenizer / generation files of `src_dir` that exist; returns their names."""
+  """Copies the tokenizer / generation / chat template files of `src_dir` that exist.
+
+  Returns their names (the `additional_chat_templates` directory as one).
+  """
+  return copy_matching(src_dir, dst_dir, TOKENIZER_PATTERNS)
+
+
+def copy_matching(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                  patterns) -> list[str]:
+  """Copies the files (and directories) of `src_dir` matching `patterns`; returns their names."""
   copied = []
-  for pattern in TOKENIZER_PATTERNS:
+  for pattern in patterns:
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(src_dir)), pattern))):
-      if os.path.isfile(path):
-        shutil.copy2(path, os.path.join(dst_dir, os.path.basename(path)))
-        copied.append(os.path.basename(path))
+      dst = os.path.join(dst_dir, os.path.basename(path))
+      if os.path.isdir(path):
+        shutil.copytree(path, dst, dirs_exist_ok=True)
+      elif os.path.isfile(path):
+        shutil.copy2(path, dst)
+      else:
+        continue
+      copied.append(os.path.basename(path))
   return copied
 
 

@@ -35,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument('dst', metavar='DST_DIR')
   b.add_argument('--shard-size', default='5GB', help='largest safetensors shard (default 5GB)')
   b.add_argument('--dtype', default=None, choices=('bfloat16', 'float32', 'float16'),
-                 help='cast the tensors (default: as stored; a run with float32 master '
-                      'weights stores float32)')
+                 help='cast the tensors (default: the converted source\'s dtype from '
+                      'hf_source.json, else as stored; a run with float32 master weights '
+                      'stores float32)')
   b.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
   b.add_argument('--quiet', action='store_true', help='no progress bar')
   m = sub.add_parser('merge-lora', help="a LoRA run's step directory + its base -> checkpoint "

@@ -97,7 +97,9 @@ class RequestManager:
     self._check_common(body)
     try:
       messages = [{'role': m.role, 'content': m.text()} for m in body.messages]
-      ids = self.fmt.encode(self.tok, self.engine.cfg, messages, chat=True)
+      ids = self.fmt.encode(self.tok, self.engine.cfg, messages, chat=True,
+                            add_generation_prompt=(body.add_generation_prompt
+                                                   and not body.continue_final_message))
     except ValueError as e:  # a content part that is not text, or the template refused
       raise ServeError(400, str(e), 'messages') from None
     return self._job(body, [ids], body.limit(), 'messages')

@@ -109,6 +109,9 @@ class ChatCompletionRequest(_Common):
   messages: list[ChatMessage] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
   max_tokens: int | None = Field(None, ge=1)
+  # As vLLM's extras: false with a final assistant message continues that message.
+  add_generation_prompt: bool = True
+  continue_final_message: bool = False
   top_logprobs: Any = None
   tools: Any = None
   tool_choice: Any = None
