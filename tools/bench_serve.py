@@ -238,12 +238,13 @@ def lines_for(name: str, f: Figures, a: Figures, b: Figures) -> list[str]:
   return out
 
 
-def task_prompts(workdir: str, n: int, train_steps: int) -> tuple[str, list[str]]:
+def task_prompts(workdir: str, n: int, train_steps: int | None) -> tuple[str, list[str]]:
   """The bench_engine reversal model's checkpoint (trained once) and held-out prompts."""
   sys.path.insert(0, TOOLS)
   import bench_engine
-  _, _, _, test = bench_engine.prepare(workdir, train_steps, retrain=False)
-  return bench_engine.checkpoint_dir(workdir, train_steps), [p['prompt'] for p in test[:n]]
+  training = bench_engine.Training(**({} if train_steps is None else {'steps': train_steps}))
+  _, _, _, test, ckpt = bench_engine.prepare(workdir, training)
+  return ckpt, [p['prompt'] for p in test[:n]]
 
 
 def read_prompts(path: str, n: int) -> list[str]:
@@ -285,10 +286,7 @@ def main(argv=None) -> int:
       print(f'bench_serve: --rates {args.rates!r}: expected numbers like 2,4,8', file=sys.stderr)
       return 2
   if args.ckpt is None:
-    sys.path.insert(0, TOOLS)
-    import bench_engine
-    steps = args.train_steps or bench_engine.DEFAULT_TRAIN_STEPS
-    ckpt, prompts = task_prompts(args.workdir, args.requests, steps)
+    ckpt, prompts = task_prompts(args.workdir, args.requests, args.train_steps)
     server_flags = list(TASK_SERVER_FLAGS) + ['--buckets', TASK_BUCKETS] + server_flags
   else:
     ckpt, prompts = args.ckpt, read_prompts(args.prompts, args.requests)
