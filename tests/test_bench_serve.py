@@ -41,8 +41,8 @@ def test_every_figure_is_printed_and_outputs_equal_the_offline_engine(tmp_path, 
   assert re.search(r'^\(a\) offline engine: 6 requests in ', out, re.M)
   assert re.search(r'^\(b\) one request at a time: 2 requests in ', out, re.M)
   assert 'server exit status 0' in out
-  assert 'errors: 0 of 14 requests' in out  # (b) 2 + saturation 6 + one rate 6
-  assert "outputs at temperature 0 equal to the offline engine's: 14/14" in out
+  assert 'errors: 0 of 20 requests' in out  # warm-up 6 + (b) 2 + saturation 6 + one rate 6
+  assert "outputs at temperature 0 equal to the offline engine's: 20/20" in out
 
 
 def test_latency_ratios_read_baseline_over_run():

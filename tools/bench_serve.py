@@ -4,7 +4,8 @@ One run: the server is started as a subprocess on 127.0.0.1 (a free port)
 with the settings given here, and the same N completion requests (greedy,
 `stream: true`, one client connection each) are replayed
 
-  - at saturation: all N sent at once;
+  - at saturation: all N sent at once (after one untimed pass of the same
+    requests, as (a) has, so that neither measures compilation);
   - at Poisson arrival rates (`--rates` requests/s; default a quarter, half
     and three quarters of the request throughput measured at saturation);
 
@@ -323,6 +324,11 @@ def main(argv=None) -> int:
         print(f'# {name}: error: {e}', flush=True)
       return figures_of(results, wall)
 
+    # As (a) had: one untimed pass of every request first, at saturation (it also compiles
+    # what only a busy pool uses, e.g. widening the canvas to a larger prompt bucket).
+    warm = run('warm-up')
+    print(f'# warm-up pass at saturation (untimed, compiles what it meets): '
+          f'{warm.seconds:.3f} s, {warm.tps:.0f} output tokens/s', flush=True)
     m = min(args.sequential, n)
     b = run('(b)', sequential=True, subset=m)
     print(f'(b) one request at a time: {m} requests in {b.seconds:.3f} s, {b.rps:.2f} req/s, '
