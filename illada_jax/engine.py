@@ -276,13 +276,17 @@ class Engine:
 
   def warmup(self, options: SamplingOptions) -> int:
     """Compiles and runs once, on an idle pool, the block programs of `options`' settings
-    group for every bucket (argmax and sampling). Returns the programs compiled."""
+    group for every bucket (argmax and sampling) and the widenings between buckets.
+    Returns the block programs compiled."""
     before = self.stats.compiles
     o = self.options_for(options)
-    for bucket in self.buckets:
+    for i, bucket in enumerate(self.buckets):
       for t in (0., 1.):
         args = self.put(block_inputs(self.cfg, o, self.slots, bucket))
         jax.block_until_ready(self.program(o.replace(temperature=t), bucket)(self.params, *args))
+      for wider in self.buckets[i + 1:]:  # the pool's widenings, compiled on first use else
+        canvas = self.put(self.idle_canvas(o, self.slots, bucket))
+        jax.block_until_ready(self.scheduler.widen(canvas, bucket, wider))
     return self.stats.compiles - before
 
   # -- generation --------------------------------------------------------------

@@ -99,6 +99,7 @@ class Handle:
     self._cancelled = False
     self._sent = ''  # streamed text so far
     self.seq = 0  # arrival order, set by the scheduler
+    self.submit_block = 0  # blocks the engine had run when it was submitted
 
   @property
   def id(self):
@@ -210,6 +211,7 @@ class Scheduler:
     bucket = self.engine.bucket_of(len(handle.request.prompt_ids))
     with self._cond:
       handle.seq = next(self._seq)
+      handle.submit_block = self.engine.stats.blocks
       queues = self._groups.setdefault(group_key(handle.request.options), {})
       queues.setdefault(bucket, collections.deque()).append(handle)
       self._cond.notify_all()
@@ -356,19 +358,17 @@ class Scheduler:
     order = sorted(b for b in queues if queues[b])
     free = [s for s, x in enumerate(pool.live) if x is None]
     busy = len(pool.live) - len(free)
-    g = pool.options.gen_length
     if busy == 0:  # an empty pool restarts at the smallest bucket with requests
       if not order:
         return []
       if pool.bucket != order[0]:
         pool.bucket, pool.canvas = order[0], None
     larger = [b for b in order if b > pool.bucket]
-    if free and busy and larger and not any(queues[b] for b in order if b <= pool.bucket):
-      gain = min(len(free), sum(len(queues[b]) for b in larger))
-      # Rows per column before and after widening: busy/(bucket+G) vs (busy+gain)/(new+G).
-      if (busy + gain) * (pool.bucket + g) >= busy * (larger[0] + g):
-        pool.canvas = self._widen(pool.canvas, pool.bucket, larger[0])
-        pool.bucket = larger[0]
+    if free and busy and larger:
+      new = self._wider(pool, queues, order, larger, len(free), busy)
+      if new is not None:
+        pool.canvas = self.widen(pool.canvas, pool.bucket, new)
+        pool.bucket = new
         self.engine.stats.widenings += 1
     fits = [queues[b] for b in order if b <= pool.bucket]
     admitted = []
@@ -382,7 +382,27 @@ class Scheduler:
       admitted.append(s)
     return admitted
 
-  def _widen(self, canvas, bucket: int, new: int):
+  def _wider(self, pool: _Pool, queues, order, larger, free: int, busy: int) -> int | None:
+    """The bucket to widen the pool to now, or None.
+
+    When no waiting request fits, widen as soon as that moves more rows per
+    computed column. A request that does not fit and has waited longer than
+    two whole generations of its group (blocks run since it arrived) widens
+    the pool to its bucket anyway, so a stream of short prompts cannot starve
+    a long one.
+    """
+    g = pool.options.gen_length
+    if not any(queues[b] for b in order if b <= pool.bucket):
+      gain = min(free, sum(len(queues[b]) for b in larger))
+      # Rows per column before and after widening: busy/(bucket+G) vs (busy+gain)/(new+G).
+      if (busy + gain) * (pool.bucket + g) >= busy * (larger[0] + g):
+        return larger[0]
+    patience = 2 * pool.options.num_blocks
+    aged = [b for b in larger
+            if self.engine.stats.blocks - queues[b][0].submit_block > patience]
+    return aged[-1] if aged else None
+
+  def widen(self, canvas, bucket: int, new: int):
     """The pool's canvas with `new - bucket` idle columns put before every row."""
     key = (bucket, new)
     wideners = self.engine._wideners

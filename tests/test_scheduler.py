@@ -132,3 +132,23 @@ def test_a_generate_abandoned_midway_cancels_its_requests():
   gen.close()
   assert eng.scheduler.idle()
   assert eng.stats.requests + eng.stats.cancelled == 5
+
+
+def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones():
+  """Short prompts keep arriving, so one always fits the pool's bucket; the long prompt
+  still gets in once it has waited two generations, widening the pool with rows live."""
+  params = make_params(LLADA)
+  eng = engine.Engine(LLADA, params, slots=8, buckets=(8, 16))
+  short = lambda i: engine.Request(('s', i), (1, 2, 3), VARIABLE, seed=i)
+  for i in range(6):
+    eng.submit(short(i))
+  eng.scheduler.step()
+  long = eng.submit(engine.Request('long', tuple(range(1, 13)), VARIABLE, seed=99))
+  for k in range(40):
+    eng.submit(short(100 + 2 * k))
+    eng.submit(short(101 + 2 * k))
+    eng.scheduler.step()
+    if long.done:
+      break
+  assert long.done and eng.stats.widenings >= 1
+  assert long.completion.token_ids == _alone(LLADA, params, long.request)
