@@ -23,6 +23,7 @@ ATTENTION_IMPLS = ('xla', 'pallas', 'splash')  # see illada_jax/attention.py
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_qkv_attn')
 FAMILIES = ('illada', 'llada')
 _DTYPES = ('bfloat16', 'float32', 'float16')
+QUANTIZE_MODES = ('none', 'int8', 'int8_head')  # see illada_jax/quant.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ModelConfig:
   attention_impl: str = 'xla'  # one of ATTENTION_IMPLS
   remat_policy: str = 'full'  # one of REMAT_POLICIES; applied per layer
   scan_layers: bool = True  # layers run under nn.scan, params get a leading N axis
+  quantize: str = 'none'  # one of QUANTIZE_MODES: int8 weights of params (illada_jax.quant)
 
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
@@ -75,6 +77,8 @@ class ModelConfig:
          f'{self.attention_impl!r} not in {ATTENTION_IMPLS}')
     need(self.remat_policy in REMAT_POLICIES, 'remat_policy',
          f'{self.remat_policy!r} not in {REMAT_POLICIES}')
+    need(self.quantize in QUANTIZE_MODES, 'quantize',
+         f'{self.quantize!r} not in {QUANTIZE_MODES}')
     for f in token_ids.FIELDS:
       v = getattr(self, f)
       need(v is not None or f in ('bos_token_id', 'eot_token_id'), f, 'is required')

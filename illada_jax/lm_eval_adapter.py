@@ -20,6 +20,8 @@
   preset           named SamplingOptions from configs/sampling.py, e.g. `illada_instruct`
   cfg_scale        classifier-free guidance, for scoring and generation
   mesh             e.g. `fsdp=4`
+  quantize         `int8` (or `int8_head`): int8 weights through qwix (illada_jax.quant),
+                   quantized at load unless the checkpoint holds them already
 lm-eval's own `--batch_size N` sets the engine's slots (requests denoised or scored at once).
 Args given beside a preset override its fields. Every request type runs through
 the engine (`illada_jax.engine`): results do not depend on the batch size, and
@@ -68,7 +70,8 @@ class ILLaDAJax(LM):
 
   def __init__(self, ckpt: str, batch_size: int | str = 32, mesh: str | None = None,
                tokenizer: str | None = None, seed: int = 0, preset: str | None = None,
-               score_preset: str | None = None, params=None, cfg=None, **kwargs):
+               score_preset: str | None = None, params=None, cfg=None,
+               quantize: str | None = None, **kwargs):
     super().__init__()
     unknown = sorted(set(kwargs) - _SAMPLING - _SCORING - _LM_EVAL_ARGS)
     if unknown:
@@ -84,7 +87,7 @@ class ILLaDAJax(LM):
     scoring_opts = from_strings(ScoringOptions, scoring_args)
     if params is None:
       mesh_obj = sharding.make_mesh(mesh) if mesh else None
-      cfg, params = illada_jax.load_checkpoint(ckpt, mesh=mesh_obj)
+      cfg, params = illada_jax.load_checkpoint(ckpt, mesh=mesh_obj, quantize=quantize)
     self.cfg, self.params, self.ckpt, self.seed = cfg, params, ckpt, int(seed)
     self.tok = prompts.load_tokenizer(ckpt, tokenizer)
     self.fmt = prompts.PromptFormat.from_checkpoint(ckpt)
