@@ -200,3 +200,37 @@ def test_convert_quantize_refuses_bad_input_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
   assert not (tmp_path / 'x').exists() and not (tmp_path / 'x.partial').exists()
+
+
+def _tool(name):
+  import importlib.util
+  import os
+  from helpers import REPO
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'tools', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['illada', 'llada'])
+def test_int8_logit_error_is_within_three_times_bfloat16s(family):
+  """tools/int8_accuracy.py's figures: against float32 logits, int8 weights (bf16 compute)
+  err by at most 3x what bf16 weights alone do (a wrong scale axis would be far off)."""
+  rows = {r['model']: r for r in _tool('int8_accuracy').logit_errors(family)}
+  bf = rows['bfloat16']
+  for name in ('int8, bf16 compute', 'int8_head, bf16 compute', 'int8, f32 compute'):
+    assert rows[name]['mean'] < 3 * bf['mean'] and rows[name]['max'] < 3 * bf['max'], rows
+    assert rows[name]['mean'] > bf['mean'] / 3, rows  # the int8 rounding shows
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_short_demo_accuracy_within_one_point(short_demo):
+  """The held-out problems at T = 0: int8 (and int8 with the tied head) within one
+  point of the checkpoint as trained."""
+  cfg, result = short_demo
+  rows = _tool('int8_accuracy').demo_figures(cfg.out)
+  assert rows[0]['accuracy'] == result['accuracy']  # the float row is the demo's own figure
+  for r in rows[1:]:
+    assert abs(r['accuracy'] - result['accuracy']) <= 0.01, rows
+    assert r['agreement'] >= 0.95, rows
