@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     print(head + f'params {args.param_dtype}, AdamW mu {args.state_dtype} / nu float32, '
           f'remat {args.remat}, attention {args.attention}, loss chunk {args.loss_chunk}',
           flush=True)
-  if args.search:
+  if args.per_device_batch > 0 and args.search:
     rows = search(args, devices, hbm, args.per_device_batch)
   elif args.per_device_batch > 0:
     rows = [try_batch(args, devices, hbm, args.per_device_batch)]
