@@ -23,6 +23,7 @@ ATTENTION_IMPLS = ('xla', 'pallas', 'splash')  # see illada_jax/attention.py
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_qkv_attn')
 FAMILIES = ('illada', 'llada')
 _DTYPES = ('bfloat16', 'float32', 'float16')
+QUANTIZE_MODES = ('none', 'int8', 'int8_head')  # see illada_jax/quant.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ModelConfig:
   attention_impl: str = 'xla'  # one of ATTENTION_IMPLS
   remat_policy: str = 'full'  # one of REMAT_POLICIES; applied per layer
   scan_layers: bool = True  # layers run under nn.scan, params get a leading N axis
+  quantize: str = 'none'  # one of QUANTIZE_MODES: int8 weights of params (illada_jax.quant)
 
   def __post_init__(self):
     def need(ok: bool, field: str, msg: str):
@@ -82,6 +84,8 @@ class ModelConfig:
                        tuple(int(i) for i in self.extra_eos_token_ids))
     for i in self.extra_eos_token_ids:
       need(0 <= i < self.vocab_size, 'extra_eos_token_ids', f'{i} outside [0, {self.vocab_size})')
+    need(self.quantize in QUANTIZE_MODES, 'quantize',
+         f'{self.quantize!r} not in {QUANTIZE_MODES}')
     for f in token_ids.FIELDS:
       v = getattr(self, f)
       need(v is not None or f in ('bos_token_id', 'eot_token_id'), f, 'is required')

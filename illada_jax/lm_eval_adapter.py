@@ -22,6 +22,8 @@
   preset           named SamplingOptions from configs/sampling.py, e.g. `illada_instruct`
   cfg_scale        classifier-free guidance, for scoring and generation
   mesh             e.g. `fsdp=4`
+  quantize         `int8` (or `int8_head`): int8 weights through qwix (illada_jax.quant),
+                   quantized at load unless the checkpoint holds them already
 lm-eval's own `--batch_size N` sets the engine's slots (requests denoised or scored at once).
 Args given beside a preset override its fields. Every request type runs through
 the engine (`illada_jax.engine`): results do not depend on the batch size, and
@@ -158,7 +160,8 @@ class ILLaDAJax(LM):
 
   def __init__(self, ckpt: str | None = None, batch_size: int | str = 32, mesh: str | None = None,
                tokenizer: str | None = None, seed: int = 0, preset: str | None = None,
-               score_preset: str | None = None, params=None, cfg=None, **kwargs):
+               score_preset: str | None = None, params=None, cfg=None,
+               quantize: str | None = None, **kwargs):
     super().__init__()
     unknown = sorted(set(kwargs) - _SAMPLING - _SCORING - _LM_EVAL_ARGS)
     if unknown:
@@ -170,7 +173,7 @@ class ILLaDAJax(LM):
       raise ValueError(f'illada_jax: ckpt={ckpt} is not a directory')
     if params is None:
       mesh_obj = sharding.make_mesh(mesh) if mesh else None
-      cfg, params = illada_jax.load_checkpoint(ckpt, mesh=mesh_obj)
+      cfg, params = illada_jax.load_checkpoint(ckpt, mesh=mesh_obj, quantize=quantize)
     sampling_args = (_fields(illada_jax.sampling_preset(preset)) if preset
                      else default_lengths(cfg.max_len))
     sampling_args.update({k: v for k, v in kwargs.items() if k in _SAMPLING})

@@ -308,7 +308,8 @@ class Transformer(nn.Module):
     else:
       logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.lm_head.astype(x_BLD.dtype),
                               preferred_element_type=f32)
-    return sharding.constrain(logits_BLV, ('act_batch', 'act_length', 'act_vocab'))
+    # float32 also when qwix computes an int8 head (it returns the compute dtype)
+    return sharding.constrain(logits_BLV.astype(f32), ('act_batch', 'act_length', 'act_vocab'))
 
   def __call__(self, tokens_BL, attention_mask_BL=None, positions_BL=None):
     return self.logits(self.hidden(tokens_BL, attention_mask_BL, positions_BL))
@@ -326,6 +327,9 @@ class Embedder(nn.Module):
     # Gather from a table sharded over vocab only (FSDP all-gathers the model
     # dim as for any weight); each vocab shard fills its rows and SPMD sums.
     table_VD = sharding.constrain(self.embedding, ('vocab', None))
+    if not isinstance(table_VD, jax.Array):  # int8 tied head (quant.py): dequantize the rows
+      import qwix
+      return qwix.dequantize(table_VD[tokens_BL]).astype(self.cfg.dtype)
     return jnp.take(table_VD, tokens_BL, axis=0).astype(self.cfg.dtype)
 
   def decode(self, x_BLD):
@@ -334,6 +338,15 @@ class Embedder(nn.Module):
 
 
 # -- functional API -------------------------------------------------------------
+
+def build(cfg: ModelConfig) -> nn.Module:
+  """The module to apply `cfg`'s parameters with: `Transformer(cfg)`, or with
+  `cfg.quantize` set, the same model under qwix PTQ (`illada_jax.quant`)."""
+  if cfg.quantize == 'none':
+    return Transformer(cfg)
+  from illada_jax import quant
+  return quant.quantized_model(cfg)
+
 
 def _init_boxed(cfg: ModelConfig, key):
   tokens = jnp.zeros((1, 1), jnp.int32)
@@ -352,7 +365,11 @@ def param_shardings(cfg: ModelConfig, mesh, rules=sharding.RULES):
 
 
 def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding.RULES):
-  """`jax.ShapeDtypeStruct` pytree of the parameters (with shardings on a mesh)."""
+  """`jax.ShapeDtypeStruct` pytree of the parameters (with shardings on a mesh);
+  with `cfg.quantize` set, of the int8 tree (`quant.abstract_quantized`)."""
+  if cfg.quantize != 'none':
+    from illada_jax import quant
+    return quant.abstract_quantized(cfg, mesh, rules)
   shapes = nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0)))
   if mesh is None:
     return shapes
@@ -379,7 +396,7 @@ def param_count(cfg: ModelConfig) -> int:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _forward(cfg, mesh, params, tokens_BL, attention_mask_BL, positions_BL):
   with sharding.activation_sharding(mesh):
-    return Transformer(cfg).apply({'params': params}, tokens_BL, attention_mask_BL, positions_BL)
+    return build(cfg).apply({'params': params}, tokens_BL, attention_mask_BL, positions_BL)
 
 
 def forward(cfg: ModelConfig, params: Params, tokens_BL, attention_mask_BL=None,

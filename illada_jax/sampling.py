@@ -46,7 +46,7 @@ from flax import struct
 
 from illada_jax import end_think, sharding
 from illada_jax.config import ModelConfig
-from illada_jax.model import KVCache, Transformer
+from illada_jax.model import KVCache, build
 
 f32 = jnp.float32
 REMASKING = ('low_confidence', 'random')
@@ -222,7 +222,7 @@ def block_logits(cfg: ModelConfig, params, o: SamplingOptions, c: Canvas, start:
                  width: int):
   """float32 `[B, W, V]` logits of columns `[start, start + W)`; trunk on all, head on W."""
   tokens_XL, visible_XL, pos_XL = _model_inputs(cfg, o, c)
-  model = Transformer(cfg)
+  model = build(cfg)
   h_XLD = model.apply({'params': params}, tokens_XL, visible_XL, pos_XL, method='hidden')
   return _guide(o, model.apply({'params': params}, h_XLD[:, start:start + width],
                                method='logits'))
@@ -310,7 +310,7 @@ def denoise_block(cfg: ModelConfig, params, o: SamplingOptions, c: Canvas, activ
   window = window or W
   b, l = c.x_BL.shape
   rows = b * (2 if o.cfg_scale > 0 else 1)
-  model = Transformer(cfg)
+  model = build(cfg)
   apply = functools.partial(model.apply, {'params': params})
   refresh_every = o.cache_refresh or max(S, W) + 1
 

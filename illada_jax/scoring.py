@@ -45,7 +45,7 @@ import numpy as np
 
 from illada_jax import sharding
 from illada_jax.config import ModelConfig
-from illada_jax.model import Transformer
+from illada_jax.model import build
 
 f32 = jnp.float32
 _LEN_BUCKET = 32
@@ -170,7 +170,7 @@ def _answer_logits(cfg: ModelConfig, params, tokens_XL, valid_XL, pos_XA, cfg_sc
 
   The unconditional rows mask the prompt (`prompt_XL`) and keep everything else.
   """
-  model = Transformer(cfg)
+  model = build(cfg)
   if cfg_scale > 0:
     un_XL = jnp.where(prompt_XL, cfg.mask_token_id, tokens_XL)
     tokens_XL = jnp.concatenate([tokens_XL, un_XL])

@@ -28,6 +28,8 @@ SMOKE_LINES = {
     ('engine_8b', 'output tokens/s'): 1,
     ('sampler_8b', 'fixed-step step'): 2,
     ('sampler_8b', 'threshold 0.9 + dual cache'): 2,
+    ('int8_8b', 'forward tokens/s'): 2,
+    ('int8_8b', 'sampler tokens/s'): 1,
 }
 
 

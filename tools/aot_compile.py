@@ -6,6 +6,8 @@
   python tools/aot_compile.py --preset illada_8b --topology v5p-8 --mesh data=4 \
       --per-device-batch 0 --engine --search
   python tools/aot_compile.py --config configs/illada_8b_lora.py --topology v6e-64 --search
+  python tools/aot_compile.py --preset llada_8b --topology v5e-1 --mesh data=1 \
+      --per-device-batch 0 --engine --search --slots 4 --quantize int8
 
 With `--config`, the run of a config file is compiled as it is (model,
 objective, seq_len, LoRA, optimizer, mesh) except for the batch, which is
@@ -85,9 +87,11 @@ def engine_options(gen: int, block: int) -> SamplingOptions:
 
 
 def compile_engine_block(model_cfg, devices, mesh_spec: str, slots: int, bucket: int, gen: int,
-                         block: int = 32):
-  """The engine's block program (`engine.block_program`) for bf16 weights, public API only."""
-  mcfg = model_cfg.replace(param_dtype='bfloat16', compute_dtype='bfloat16', remat_policy='none')
+                         block: int = 32, quantize: str = 'none'):
+  """The engine's block program (`engine.block_program`) for bf16 weights (`quantize`:
+  int8 weights of `illada_jax.quant`, bf16 compute), public API only."""
+  mcfg = model_cfg.replace(param_dtype='bfloat16', compute_dtype='bfloat16', remat_policy='none',
+                           quantize=quantize)
   mesh = sharding.make_mesh(mesh_spec, devices=devices)
   o = engine_options(gen, block)
   args = (model_lib.abstract_params(mcfg, mesh),
@@ -102,12 +106,15 @@ def engine_slots(args, devices, hbm) -> dict | None:
     t = time.perf_counter()
     try:
       mem = memory(compile_engine_block(get_preset(args.preset), devices, args.mesh, slots,
-                                        args.prompt_bucket, args.gen, args.block))
+                                        args.prompt_bucket, args.gen, args.block,
+                                        args.quantize))
       fits = hbm is None or mem['peak'] * GiB <= hbm
       err = None
     except Exception as e:  # noqa: BLE001  (a compile-time OOM is an answer here)
       mem, fits, err = None, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
-    what = (f'{args.preset} {args.topology} engine block program, {slots} slots, prompt bucket '
+    weights = 'bf16' if args.quantize == 'none' else args.quantize
+    what = (f'{args.preset} {args.topology} engine block program ({weights} weights), {slots} '
+            f'slots, prompt bucket '
             f'{args.prompt_bucket} + gen {args.gen}, block {args.block}, tau 0.9 + dual cache, '
             f'mesh {args.mesh}')
     if mem is None:
@@ -234,6 +241,8 @@ def main(argv=None) -> int:
                   help="also compile the batch engine's block program (bf16 weights); with "
                        '--search, double --slots while it fits')
   ap.add_argument('--slots', type=int, default=64, help='engine slots (the first tried)')
+  ap.add_argument('--quantize', default='none', choices=('none', 'int8', 'int8_head'),
+                  help='engine weights: int8 through qwix (illada_jax.quant); default bf16')
   ap.add_argument('--prompt-bucket', type=int, default=1024, help='engine prompt bucket')
   ap.add_argument('--gen', type=int, default=1024, help='engine generation limit')
   ap.add_argument('--block', type=int, default=32, help='engine block length')
@@ -254,7 +263,7 @@ def main(argv=None) -> int:
     print(head + f'params {args.param_dtype}, AdamW mu {args.state_dtype} / nu float32, '
           f'remat {args.remat}, attention {args.attention}, loss chunk {args.loss_chunk}',
           flush=True)
-  if args.search:
+  if args.per_device_batch > 0 and args.search:
     rows = search(args, devices, hbm, args.per_device_batch)
   elif args.per_device_batch > 0:
     rows = [try_batch(args, devices, hbm, args.per_device_batch)]

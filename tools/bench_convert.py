@@ -1,6 +1,7 @@
 """Benchmark of `illada-convert` against an O_DIRECT copy of the same bytes, in the same run.
 
   python tools/bench_convert.py [--preset illada_8b] [--workdir /big/disk] [--keep]
+      [--steps hf-to-orbax,orbax-to-hf,quantize]
 
 Writes a fake Hugging Face directory of the preset (random bfloat16, real
 names and shapes, 5 GB shards), then for each direction (hf-to-orbax, then
@@ -16,6 +17,10 @@ orbax-to-hf on its output) measures:
 * conversion: `python -m illada_jax.cli.convert ...` in a subprocess (it
   fsyncs what it writes); wall time, and peak RSS and CPU time from
   `os.wait4`'s rusage of that child.
+
+`quantize` (`illada-convert quantize ORBAX DST --int8`, on the hf-to-orbax
+output) is measured the same way against the copy of its input, and reports
+the bytes it wrote against the bytes it read (int8 weights: about half).
 
 Before each measurement the inputs are flushed and evicted from the page
 cache with `posix_fadvise(DONTNEED)` (no root needed). Prints one line per
@@ -189,6 +194,9 @@ def measure(name: str, src: str, dst: str, extra: list[str], work: str, report) 
   report(f'{name}: CPU time of the converter (user+sys): {cpu:.1f}s  ratio {cpu / wall:.2f} '
          f'of its wall time (load average {load0:.1f} at start, {load1:.1f} at end, '
          f'{os.cpu_count()} cores)')
+  if name == 'quantize':
+    out = sum(os.path.getsize(f) for f in _files(dst))
+    report(f'{name}: bytes written {out / 1e9:.2f} GB  ratio {out / nbytes:.3f} of the bytes read')
 
 
 def main(argv=None) -> int:
@@ -199,9 +207,12 @@ def main(argv=None) -> int:
   p.add_argument('--keep', action='store_true')
   p.add_argument('--src', default=None,
                  help='an existing HF directory to convert instead of a new fake one (kept)')
+  p.add_argument('--steps', default='hf-to-orbax,orbax-to-hf',
+                 help='what to measure, in order (quantize reads the hf-to-orbax output)')
   args = p.parse_args(argv)
+  steps = args.steps.split(',')
   work = tempfile.mkdtemp(prefix='bench_convert.', dir=args.workdir)
-  hf, orbax, back = (os.path.join(work, d) for d in ('hf', 'orbax', 'hf_back'))
+  hf, orbax, back, q8 = (os.path.join(work, d) for d in ('hf', 'orbax', 'hf_back', 'int8'))
   hf = os.path.abspath(args.src) if args.src else hf
   lines = []
 
@@ -221,7 +232,12 @@ def main(argv=None) -> int:
     measure('hf-to-orbax', hf, orbax, [], work, report)
     if not args.keep and not args.src:
       shutil.rmtree(hf)
-    measure('orbax-to-hf', orbax, back, ['--shard-size', '5GB'], work, report)
+    if 'orbax-to-hf' in steps:
+      measure('orbax-to-hf', orbax, back, ['--shard-size', '5GB'], work, report)
+      if not args.keep:  # room for the next step on the disk
+        shutil.rmtree(back)
+    if 'quantize' in steps:
+      measure('quantize', orbax, q8, ['--int8'], work, report)
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)

@@ -27,6 +27,9 @@ cheapest and most important first (`FIGURES`):
                   threshold 0.9 + dual cache against fixed-step (256 steps) tokens/s, and
                   one fixed-step step against one plain forward (`forward_8b`'s program).
                   Random weights: the step count of threshold decoding depends on them
+  int8_8b         int8 weights (`illada_jax.quant`, qwix PTQ, bf16 compute) against the
+                  bf16 weights of the same run: `forward_8b`'s forward tokens/s at B 1
+                  and 32, and the sampler (threshold 0.9 + dual cache) at B 32
 
 FLOPs are those of the matmuls computed (`model_flops`): no remat recomputation,
 no head on positions not needed; a train step is 3 forwards. Each figure prints
@@ -370,21 +373,26 @@ def params_8b(run: Run):
   return run.cache['params']
 
 
-def forward_seconds(run: Run, batch: int) -> float:
-  """Seconds of one plain forward over the sampler's canvas, head on one block."""
-  if ('forward', batch) not in run.cache:
-    from illada_jax.model import Transformer
-    s, model = run.sizes, Transformer(run.sizes.model)
+def forward_seconds(run: Run, batch: int, cfg=None, params=None) -> float:
+  """Seconds of one plain forward over the sampler's canvas, head on one block
+  (default: the bf16 8B; `cfg` / `params` of another variant, e.g. int8)."""
+  from illada_jax.model import build
+  s = run.sizes
+  cfg = cfg or s.model
+  if ('forward', batch, cfg) not in run.cache:
+    model = build(cfg)
 
     def forward(params, tokens_BL):
       h_BLD = model.apply({'params': params}, tokens_BL, method='hidden')
       h_BWD = jax.lax.dynamic_slice_in_dim(h_BLD, s.prompt, s.block, axis=1)
       return model.apply({'params': params}, h_BWD, method='logits')
 
-    args = (params_8b(run), _tokens(s.model, jax.random.key(batch), (batch, s.prompt + s.gen)))
-    fn = run.compile(f'forward B={batch} L={s.prompt + s.gen}', forward, *args)
-    run.cache['forward', batch] = seconds_per_call(fn, *args, budget_s=2 * s.budget)[0]
-  return run.cache['forward', batch]
+    args = (params if params is not None else params_8b(run),
+            _tokens(s.model, jax.random.key(batch), (batch, s.prompt + s.gen)))
+    tag = '' if cfg.quantize == 'none' else f' {cfg.quantize}'
+    fn = run.compile(f'forward{tag} B={batch} L={s.prompt + s.gen}', forward, *args)
+    run.cache['forward', batch, cfg] = seconds_per_call(fn, *args, budget_s=2 * s.budget)[0]
+  return run.cache['forward', batch, cfg]
 
 
 def forward_8b(run: Run):
@@ -471,14 +479,55 @@ def engine_8b(run: Run):
              same_tokens=f'{same}/{n}', weights='random')
 
 
+def params_8b_int8(run: Run):
+  """The 8B's int8 weights (`illada_jax.quant`, qwix PTQ) from `params_8b`, once per process."""
+  if 'qparams' not in run.cache:
+    from illada_jax import quant
+    t0 = time.perf_counter()
+    qcfg, qparams = quant.quantize_params(run.sizes.model, params_8b(run))
+    jax.block_until_ready(qparams)
+    run.say(f'  int8 weights: {quant.nbytes(qparams) / 2**30:.2f} GiB against '
+            f'{quant.nbytes(params_8b(run)) / 2**30:.2f} GiB bf16, quantized in '
+            f'{time.perf_counter() - t0:.1f} s')
+    run.cache['qparams'] = (qcfg, qparams)
+  return run.cache['qparams']
+
+
+def int8_8b(run: Run):
+  """int8 weights against bf16, same run: forward tokens/s at each batch, and the sampler
+  (threshold 0.9 + dual cache) at the largest batch."""
+  from illada_jax.sampling import sample
+  s = run.sizes
+  length = s.prompt + s.gen
+  qcfg, qparams = params_8b_int8(run)
+  for batch in s.batches:
+    run.need(40, f'int8_8b forward B={batch}')
+    q_s, b_s = forward_seconds(run, batch, qcfg, qparams), forward_seconds(run, batch)
+    run.record('int8_8b', f'B={batch} L={length} head on {s.block}', 'forward tokens/s',
+               batch * length / q_s, 'tokens/s', batch * length / b_s, 'bf16 weights')
+  batch = s.batches[-1]
+  case = f'B={batch} prompt {s.prompt} + gen {s.gen}, block {s.block}, tau 0.9 + dual'
+  prompt = _tokens(s.model, jax.random.key(7), (batch, s.prompt))
+  run.need(0.5 * s.gen * forward_seconds(run, batch) + 80, f'int8_8b sampler {case}')
+  seconds = {}
+  for name, cfg, params in (('bf16', s.model, params_8b(run)), ('int8', qcfg, qparams)):
+    fn = run.compile(f'sample {name} {case}', functools.partial(
+        sample, cfg, gen_length=s.gen, block_length=s.block, steps=s.gen, threshold=0.9,
+        cache='dual'), params, prompt)
+    seconds[name] = seconds_per_call(fn, params, prompt, budget_s=4 * s.budget)[0]
+  run.record('int8_8b', case, 'sampler tokens/s', batch * s.gen / seconds['int8'], 'tokens/s',
+             batch * s.gen / seconds['bf16'], 'bf16 weights', weights='random')
+
+
 # (name, function, seconds it needs at least), in run order.
 FIGURES = [('matmul', matmul, 10), ('attention', attention, 30), ('train_1b', train_1b, 45),
            ('forward_8b', forward_8b, 45), ('engine_8b', engine_8b, 120),
            ('sampler_8b_b1', functools.partial(sampler_8b, batch_index=0), 40),
-           ('sampler_8b_b32', functools.partial(sampler_8b, batch_index=1), 100)]
+           ('sampler_8b_b32', functools.partial(sampler_8b, batch_index=1), 100),
+           ('int8_8b', int8_8b, 90)]
 # One process each: a compiler crash costs one group, and exiting frees the device.
 GROUPS = (('matmul', 'attention'), ('train_1b',),
-          ('forward_8b', 'engine_8b', 'sampler_8b_b1', 'sampler_8b_b32'))
+          ('forward_8b', 'engine_8b', 'sampler_8b_b1', 'sampler_8b_b32', 'int8_8b'))
 
 
 def run_figures(args) -> int:

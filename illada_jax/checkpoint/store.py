@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 from illada_jax import model as model_lib
 from illada_jax import sharding as sharding_lib
 from illada_jax.checkpoint import _orbax_stream
-from illada_jax.config import ModelConfig
+from illada_jax.config import QUANTIZE_MODES, ModelConfig
 
 PARAMS_ITEM = 'params'
 CONFIG_FILE = 'model_config.json'
@@ -121,6 +121,7 @@ def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, params, *,
   path = os.path.abspath(path)
   if 'layers' not in params and 'layers_0' in params:
     params = model_lib.stack_layers(params, cfg.num_layers)
+  params = _storage(cfg, params)
   if os.path.exists(params_dir(path)):
     raise FileExistsError(f'{path}: already holds a checkpoint')
   os.makedirs(path, exist_ok=True)
@@ -130,6 +131,14 @@ def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, params, *,
   write_config(path, cfg)
   if tokenizer_dir is not None:
     copy_tokenizer_files(tokenizer_dir, path)
+
+
+def _storage(cfg: ModelConfig, tree):
+  """int8 trees (`cfg.quantize`) as Orbax stores them: `{'qvalue', 'scale'}` per weight."""
+  if cfg.quantize == 'none':
+    return tree
+  from illada_jax import quant
+  return quant.to_storage(tree)
 
 
 def _check_stored(path, abstract) -> None:
@@ -160,6 +169,28 @@ def restore_params(path: str | os.PathLike, abstract) -> Any:
   return ocp.StandardCheckpointer().restore(params_dir(path), abstract)
 
 
+def _target(cfg: ModelConfig, mesh, rules):
+  """Abstract params placed on `mesh` by `rules`, or on this process's first device."""
+  if mesh is not None:
+    return model_lib.abstract_params(cfg, mesh, rules)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                      model_lib.abstract_params(cfg))
+
+
+def _load_quantized(path: str, cfg: ModelConfig, mode: str, mesh, rules):
+  """A float checkpoint quantized as it loads: restored to host memory, quantized
+  there leaf by leaf (the same function and device as `illada-convert quantize`,
+  hence the same bits), and only the int8 tree moved to the accelerator."""
+  from illada_jax import quant
+  host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host),
+                          model_lib.abstract_params(cfg))
+  qcfg, params = quant.quantize_params(cfg, restore_params(path, abstract), mode)
+  shardings = jax.tree.map(lambda s: s.sharding, _target(qcfg, mesh, rules))
+  return qcfg, jax.device_put(params, shardings)
+
+
 def check_not_lora(path: str) -> None:
   """Raises ValueError if `path` is a LoRA run's step directory (adapters only, no base)."""
   if os.path.exists(os.path.join(path, 'lora.json')):  # illada_jax.lora.INFO_FILE
@@ -168,8 +199,16 @@ def check_not_lora(path: str) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
-                    rules=sharding_lib.RULES) -> tuple[ModelConfig, Any]:
+                    rules=sharding_lib.RULES, quantize: str | None = None
+                    ) -> tuple[ModelConfig, Any]:
   """Restores `(cfg, params)` from checkpoint directory `path`.
+
+  `quantize` (`illada_jax.quant`): None keeps what is stored (an int8
+  checkpoint of `illada-convert quantize` loads as int8, without
+  re-quantizing); 'int8' / 'int8_head' quantize a float checkpoint leaf by
+  leaf as it is loaded (the bits `illada-convert quantize` stores); 'none'
+  insists on float weights. Asking an int8 checkpoint for another mode
+  raises ValueError.
 
   With `mesh`, every array is restored directly into its shards (the target
   carries `param_shardings(cfg, mesh, rules)`; each device reads only its
@@ -180,16 +219,21 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
   directory (adapters only: `merge_lora_checkpoint` first).
   """
   path = os.path.abspath(path)
+  if quantize is not None and quantize not in QUANTIZE_MODES:
+    raise ValueError(f'quantize={quantize!r}: choose from {QUANTIZE_MODES}')
   check_not_lora(path)
   cfg = load_config(path)
+  if quantize is not None and quantize != cfg.quantize and cfg.quantize != 'none':
+    raise ValueError(f'{path}: holds {cfg.quantize} weights; cannot load them as {quantize}')
   stored_cfg = cfg.replace(scan_layers=True)
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            model_lib.abstract_params(stored_cfg))
+  if quantize not in (None, 'none') and cfg.quantize == 'none':
+    cfg, params = _load_quantized(path, stored_cfg, quantize, mesh, rules)
+    cfg = cfg.replace(scan_layers=load_config(path).scan_layers)
   else:
-    abstract = model_lib.abstract_params(stored_cfg, mesh, rules)
-  params = restore_params(path, abstract)
+    params = restore_params(path, _storage(cfg, _target(stored_cfg, mesh, rules)))
+    if cfg.quantize != 'none':
+      from illada_jax import quant
+      params = quant.from_storage(params)
   if not cfg.scan_layers:
     params = model_lib.unstack_layers(params, cfg.num_layers)
   return cfg, params

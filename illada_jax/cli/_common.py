@@ -80,17 +80,32 @@ def barrier(name: str):
   return lambda: multihost_utils.sync_global_devices(f'{name}-{next(counter)}')
 
 
+def add_quantize(parser: argparse.ArgumentParser) -> None:
+  """`--quantize {none,int8,int8_head}`: the weights to serve (`illada_jax.quant`)."""
+  from illada_jax.config import QUANTIZE_MODES
+  parser.add_argument('--quantize', choices=QUANTIZE_MODES, default=None,
+                      help='int8: int8 attention/MLP weights (qwix PTQ), quantized at load '
+                           'unless the checkpoint already holds them (illada-convert quantize); '
+                           'int8_head: the LM head too; default: as stored')
+
+
+def load_model(args: argparse.Namespace):
+  """`(cfg, params)` of `--ckpt` on `--mesh` (local devices), as `--quantize` asks."""
+  import illada_jax
+  return illada_jax.load_checkpoint(args.ckpt, mesh=local_mesh(args.mesh),
+                                    quantize=getattr(args, 'quantize', None))
+
+
 def open_engine(args: argparse.Namespace, prog: str):
-  """`(engine, tokenizer, prompt format)` from `--ckpt`, `--tokenizer`, `--mesh`, `--slots`,
-  `--buckets`; None (after saying why on stderr) when several processes have no `--out`."""
+  """`(engine, tokenizer, prompt format)` from `--ckpt`, `--tokenizer`, `--mesh`, `--quantize`,
+  `--slots`, `--buckets`; None (after saying why on stderr) when several processes have no `--out`."""
   import sys
   import jax
-  import illada_jax
   from illada_jax import engine, prompts
   if jax.process_count() > 1 and not args.out:
     print(f'{prog}: several processes need --out', file=sys.stderr)
     return None
-  cfg, params = illada_jax.load_checkpoint(args.ckpt, mesh=local_mesh(args.mesh))
+  cfg, params = load_model(args)
   tok = prompts.load_tokenizer(args.ckpt, args.tokenizer)
   fmt = prompts.PromptFormat.from_checkpoint(args.ckpt)
   buckets = [int(b) for b in args.buckets.split(',')] if args.buckets else None

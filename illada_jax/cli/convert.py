@@ -3,6 +3,7 @@
   illada-convert hf-to-orbax SRC_DIR DST_DIR [--dtype bfloat16|float32] [--mesh data=1,fsdp=8,tensor=1] [--overwrite]
   illada-convert orbax-to-hf SRC_DIR DST_DIR [--shard-size 5GB] [--dtype bfloat16] [--overwrite]
   illada-convert merge-lora STEP_DIR DST_DIR [--base BASE_DIR] [--overwrite]
+  illada-convert quantize SRC_DIR DST_DIR --int8 [--head] [--overwrite]
 
 SRC_DIR of orbax-to-hf may be a training step directory (<workdir>/checkpoints/<step>);
 a LoRA run's step directory is merged into its base first (merge-lora).
@@ -47,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
   m.add_argument('--base', default=None,
                  help="base checkpoint directory (default: the run's init_from, from lora.json)")
   m.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
+  q = sub.add_parser('quantize', help='checkpoint directory -> one with int8 weights '
+                                      '(illada_jax.quant), streamed tensor by tensor')
+  q.add_argument('src', metavar='SRC_DIR')
+  q.add_argument('dst', metavar='DST_DIR')
+  q.add_argument('--int8', action='store_true', required=True,
+                 help='int8 attention/MLP weights, per-output-channel float32 scales')
+  q.add_argument('--head', action='store_true', help='the LM head in int8 too (int8_head)')
+  q.add_argument('--overwrite', action='store_true', help='replace DST_DIR if it exists')
+  q.add_argument('--quiet', action='store_true', help='(no progress bar to hide; accepted for '
+                                                      'symmetry with the other commands)')
   return p
 
 
@@ -58,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
   from illada_jax import checkpoint  # after parsing: --help stays fast
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes would break the progress bar
   try:
-    if args.command == 'merge-lora':
+    if args.command == 'quantize':
+      from illada_jax.checkpoint.quantized import quantize_checkpoint
+      cfg = quantize_checkpoint(args.src, args.dst, 'int8_head' if args.head else 'int8',
+                                overwrite=args.overwrite)
+    elif args.command == 'merge-lora':
       cfg = checkpoint.merge_lora_checkpoint(args.src, args.dst, base_dir=args.base,
                                              overwrite=args.overwrite)
     elif args.command == 'hf-to-orbax':

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help='replay the denoising of --prompt strings (fixed-step sampler)')
   from illada_jax.configs.sampling import PRESETS
   _common.add_options(p, SamplingOptions, 'sampling options (illada_jax.SamplingOptions)', PRESETS)
+  _common.add_quantize(p)
   _common.add_distributed(p)
   return p
 

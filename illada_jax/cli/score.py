@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
   # rolling_window: rolling log-likelihood is a library / lm-eval request type, not a record kind.
   _common.add_options(p, ScoringOptions, 'scoring options (illada_jax.scoring.ScoringOptions)',
                       PRESETS, exclude=('rolling_window',))
+  _common.add_quantize(p)
   _common.add_distributed(p)
   return p
 

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--score-preset', default=None,
                  help='ScoringOptions for /v1/score from configs/scoring.py (default: MC)')
   p.add_argument('--log-level', default='info', choices=('debug', 'info', 'warning', 'error'))
+  _common.add_quantize(p)
   from illada_jax.configs.sampling import PRESETS
   _common.add_options(p, SamplingOptions, 'sampling options (the server settings group)', PRESETS,
                       exclude=('after_think',))
@@ -93,10 +94,9 @@ def main(argv=None) -> int:
     return _fail(str(e))
   if not os.path.isdir(args.ckpt):
     return _fail(f'--ckpt {args.ckpt}: not a directory')
-  import illada_jax
   from illada_jax import engine, prompts
   from illada_jax.serve import app as app_lib, manager as manager_lib, metrics, server
-  cfg, params = illada_jax.load_checkpoint(args.ckpt, mesh=_common.local_mesh(args.mesh))
+  cfg, params = _common.load_model(args)
   tok = prompts.load_tokenizer(args.ckpt, args.tokenizer)
   fmt = prompts.PromptFormat.from_checkpoint(args.ckpt)
   try:

@@ -36,7 +36,10 @@ TOPOLOGIES = {
     'v6e-16': ('v6e:4x4', 32 * GiB),
     'v6e-64': ('v6e:8x8', 32 * GiB),
     'v6e-256': ('v6e:16x16', 32 * GiB),
-    'v5e-256': ('v5litepod:16x16', 16 * GiB),
+    # One chip: a single-chip host (libtpu's default host is 2x2 chips).
+    'v5e-1': ('v5e:1x1', 16 * GiB, {'chips_per_host_bounds': (1, 1, 1)}),
+    'v6e-1': ('v6e:1x1', 32 * GiB, {'chips_per_host_bounds': (1, 1, 1)}),
+    'v5e-256': ('v5e:16x16', 16 * GiB),  # libtpu 0.0.42 refuses 'v5litepod'
 }
 
 
@@ -45,8 +48,8 @@ def topology_devices(name: str):
   # Compiling only: another process holding libtpu's lockfile must not block us.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies
-  desc, hbm = TOPOLOGIES.get(name, (name, None))
-  return topologies.get_topology_desc(desc, 'tpu').devices, hbm
+  desc, hbm, *kwargs = TOPOLOGIES.get(name, (name, None))
+  return topologies.get_topology_desc(desc, 'tpu', **(kwargs[0] if kwargs else {})).devices, hbm
 
 
 def topology_mesh(slice_name: str, mesh_shape: str | None = None):

@@ -33,6 +33,14 @@ def _pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+def supports(q_shape, k_shape, **blocks) -> bool:
+  """Whether `flash_attention_gpu` can tile these `[B, L, H, Dh]` / `[B, S, K, Dh]` shapes."""
+  g, dh = q_shape[2] // k_shape[2], q_shape[3]
+  sizes = {'block_q': BLOCK_Q, 'block_k': BLOCK_K, 'block_q_bwd': BLOCK_Q_BWD,
+           'block_k_bwd': BLOCK_K_BWD, **blocks}
+  return all(_pow2(n) for n in (g, dh, *sizes.values()))
+
+
 def flash_attention_gpu(q_BLHD, k_BSKD, v_BSKD, kv_mask_BS=None, *, block_q: int = BLOCK_Q,
                         block_k: int = BLOCK_K, block_q_bwd: int = BLOCK_Q_BWD,
                         block_k_bwd: int = BLOCK_K_BWD, interpret: bool = False):
