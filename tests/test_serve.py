@@ -372,3 +372,16 @@ def test_serve_flags_are_checked_in_one_line_before_the_model_loads(argv, flag, 
   assert serve_cli.main(args) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('illada-serve: ') and flag in err[0], err
+
+
+def test_quantize_int8_reaches_the_served_model(ckpt, monkeypatch):
+  """`--quantize int8` serves the int8 tree (the engine's config says so); the int8 numerics
+  themselves are tested in tests/test_quant.py."""
+  from illada_jax.cli import serve as serve_cli
+  from illada_jax.serve import server
+  served = {}
+  monkeypatch.setattr(server, 'serve', lambda app, *a, **k: served.setdefault('app', app))
+  assert serve_cli.main(['--ckpt', ckpt[0], *FLAGS, '--quantize', 'int8', '--slots', '2']) == 0
+  routes = {r.path for r in served['app'].routes}
+  assert {'/v1/completions', '/v1/chat/completions', '/v1/score', '/metrics'} <= routes
+  assert served['app'].state.manager.engine.cfg.quantize == 'int8'

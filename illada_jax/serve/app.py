@@ -96,7 +96,7 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
     eng.stop(timeout=30)
 
   app = FastAPI(title='illada-serve', lifespan=lifespan)
-  app.state.serve = state
+  app.state.serve, app.state.manager = state, manager
 
   def refused(e: ServeError):
     manager.metrics.errors.labels(str(e.status)).inc()
