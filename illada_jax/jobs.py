@@ -390,6 +390,11 @@ def scoring_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
       conts = (d['continuation'],)
     else:
       raise ValueError('expected a "continuation" string or a "choices" list')
+    answer = d.get('answer')
+    if answer is not None and 'choices' in d and (
+        not _is_int(answer) or not 0 <= answer < len(conts)):
+      raise ValueError(f'"answer" must be the index of a choice (0..{len(conts) - 1}), '
+                       f'got {answer!r}')
     ctx = tuple(tokenizer.encode(d['context']))
     base = request_seed(seed, r.id, d)
     reqs = []
