@@ -155,7 +155,8 @@ def test_badly_typed_fields_are_errors_of_their_record_not_of_the_job(tmp_path):
   assert got[5]['error'] == f'{src}:5: "stop" must be a string or a list of strings'
   assert got[6]['error'] == f'{src}:6: "temperature" must be a number, got True'
   assert got['ok'] == {'id': 'ok', 'prompt': 'y', 'stop': [], 'seed': 5, 'temperature': 1.0,
-                       'max_new_tokens': 3}  # "stop": null is no stop strings
+                       'max_new_tokens': 3,  # "stop": null is no stop strings
+                       jobs.HASH_KEY: jobs.input_hash(jobs.Record('', 'ok', rows[6]))}
   assert got['default']['stop'] == ['\n'] and got['default']['max_new_tokens'] == 9
   assert (s.errors, s.done) == (6, 2)
 
@@ -221,7 +222,47 @@ def test_error_records_of_one_process_are_retried_by_several(tmp_path):
     s = jobs.run(records, out, *_fake(), process_index=i, process_count=2, progress=False,
                  log=lambda m: None)
     assert (s.skipped, s.errors, s.done) == (0, 0, 3 if i == 0 else 2)
-  assert read_jsonl(out) == [{'id': i, 'echo': f'P{i - 1}'} for i in range(1, 6)]
+  assert [{k: v for k, v in r.items() if k != jobs.HASH_KEY} for r in read_jsonl(out)] == [
+      {'id': i, 'echo': f'P{i - 1}'} for i in range(1, 6)]
+
+
+def test_a_record_whose_input_changed_is_recomputed(tmp_path):
+  out = tmp_path / 'out.jsonl'
+  rows = [{'prompt': f'p{i}'} for i in range(4)]
+  jobs.run(_records(tmp_path, rows), str(out), *_fake(), progress=False, log=lambda m: None)
+  rows[1] = {'prompt': 'changed'}
+  s = jobs.run(_records(tmp_path, rows), str(out), *_fake(), progress=False, log=lambda m: None)
+  assert (s.skipped, s.changed, s.done) == (3, 1, 1)
+  got = read_jsonl(out)
+  assert [r['echo'] for r in got] == ['P0', 'CHANGED', 'P2', 'P3']
+  assert got[1][jobs.HASH_KEY] == jobs.input_hash(_records(tmp_path, rows)[1]) != \
+      got[0][jobs.HASH_KEY]
+
+
+def test_another_checkpoint_or_setting_is_refused_unless_restart(tmp_path):
+  out = str(tmp_path / 'out.jsonl')
+  records = _records(tmp_path, [{'prompt': f'p{i}'} for i in range(3)])
+  run = lambda by, **kw: jobs.run(records, out, *_fake(), progress=False, log=lambda m: None,
+                                  produced_by=by, **kw)
+  by = {'checkpoint': 'ck#1', 'settings': {'gen_length': 8, 'chat': False}}
+  assert run(by).done == 3 and run(by).skipped == 3
+  with pytest.raises(jobs.JobError, match=r'settings\.gen_length was 8, now 16.*--restart'):
+    run({**by, 'settings': {'gen_length': 16, 'chat': False}})
+  with pytest.raises(jobs.JobError, match="checkpoint was 'ck#1', now 'ck#2'"):
+    run({**by, 'checkpoint': 'ck#2'})
+  s = run({**by, 'checkpoint': 'ck#2'}, restart=True)
+  assert (s.skipped, s.done) == (0, 3) and len(read_jsonl(out)) == 3
+  assert run({**by, 'checkpoint': 'ck#2'}).skipped == 3
+
+
+def test_checkpoint_identity_follows_the_weights_files(tmp_path):
+  (tmp_path / 'params').mkdir()
+  (tmp_path / 'model_config.json').write_text('{}')
+  (tmp_path / 'params' / 'a').write_bytes(b'1')
+  first = jobs.checkpoint_identity(str(tmp_path))
+  assert jobs.checkpoint_identity(str(tmp_path)) == first
+  (tmp_path / 'params' / 'a').write_bytes(b'12')
+  assert jobs.checkpoint_identity(str(tmp_path)) != first
 
 # -- the real CLI -----------------------------------------------------------------
 

@@ -206,3 +206,19 @@ def no_records(prog: str, flag: str, path: str, out: str | None) -> int:
     open(out, 'a').close()
   print(JobSummary().line(), file=sys.stderr, flush=True)
   return 0
+
+
+def add_restart(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--restart', action='store_true',
+                      help='start --out over: needed when the checkpoint or a setting changed '
+                           'since it was written (refused otherwise)')
+
+
+def produced_by(args: argparse.Namespace, options, **settings) -> dict:
+  """What a job's output records about its making: the checkpoint's identity and every
+  setting that changes a result (the options' fields and `settings`)."""
+  from illada_jax import jobs
+  fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+  tok = os.path.realpath(args.tokenizer) if args.tokenizer else None
+  return {'checkpoint': jobs.checkpoint_identity(args.ckpt),
+          'settings': {**fields, **settings, 'tokenizer': tok}}

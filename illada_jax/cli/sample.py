@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--on-error', choices=('skip', 'stop'), default='skip',
                  help='a bad record: write an error record and go on, or stop')
   p.add_argument('--no-progress', action='store_true')
+  _common.add_restart(p)
   p.add_argument('--show-denoising', action='store_true',
                  help='replay the denoising of --prompt strings (fixed-step sampler)')
   from illada_jax.configs.sampling import PRESETS
@@ -108,19 +109,20 @@ def _main(argv) -> int:
       return _common.no_records('illada-sample', '--prompts', args.prompts, args.out)
   else:
     records = [jobs.Record(f'--prompt {i}', i, {'prompt': p}) for i, p in enumerate(args.prompt, 1)]
+  producer = _common.produced_by(args, options, chat=args.chat, stop=list(args.stop),
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
+  if args.out and not args.restart:  # another checkpoint or setting: refused before loading
+    jobs.check_producer(args.out, producer)
   eng, tok, fmt = _common.open_engine(args, 'illada-sample')
   prepare, execute = jobs.generation_requests(
       eng, tok, fmt, options, chat=args.chat, stop=tuple(args.stop),
       max_new_tokens=args.max_new_tokens, seed=args.seed)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
-    try:
-      summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         barrier=_common.barrier('illada-sample'), progress=not args.no_progress)
-    except jobs.JobError as e:
-      print(f'illada-sample: {e}', file=sys.stderr)
-      return 2
+    summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       barrier=_common.barrier('illada-sample'), progress=not args.no_progress,
+                       restart=args.restart, produced_by=producer)
     if not args.out:
       with open(out, encoding='utf-8') as f:
         sys.stdout.write(f.read())

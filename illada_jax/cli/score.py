@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--mesh', default=None, help='e.g. data=2,fsdp=2,tensor=2 (local devices)')
   p.add_argument('--on-error', choices=('skip', 'stop'), default='skip')
   p.add_argument('--no-progress', action='store_true')
+  _common.add_restart(p)
   from illada_jax.configs.scoring import PRESETS
   # rolling_window: rolling log-likelihood is a library / lm-eval request type, not a record kind.
   _common.add_options(p, ScoringOptions, 'scoring options (illada_jax.scoring.ScoringOptions)',
@@ -76,19 +77,17 @@ def _main(argv) -> int:
   records = jobs.read_records(args.input)
   if not records:
     return _common.no_records('illada-score', '--input', args.input, args.out)
+  producer = _common.produced_by(args, options, seed=args.seed)
+  if args.out and not args.restart:  # another checkpoint or setting: refused before loading
+    jobs.check_producer(args.out, producer)
   eng, tok, fmt = _common.open_engine(args, 'illada-score')
   prepare, execute = jobs.scoring_requests(eng, tok, fmt, options, seed=args.seed)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
-    try:
-      summary = jobs.run(records, out, prepare, execute,
-                         on_error=args.on_error, process_index=jax.process_index(),
-                         process_count=jax.process_count(),
-                         barrier=_common.barrier('illada-score'), progress=not args.no_progress,
-                         unit='records')
-    except jobs.JobError as e:
-      print(f'illada-score: {e}', file=sys.stderr)
-      return 2
+    summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       barrier=_common.barrier('illada-score'), progress=not args.no_progress,
+                       unit='records', restart=args.restart, produced_by=producer)
     if jax.process_index() == 0:
       if not args.out:
         with open(out, encoding='utf-8') as f:
