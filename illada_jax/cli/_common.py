@@ -23,25 +23,45 @@ def guarded(prog: str, main, argv=None) -> int:
   """Runs `main(argv)`; a `UsageError` (or one of `expected` error types a library raises
   for bad input) becomes one line on stderr and exit 2; an interrupt (SIGINT, SIGTERM)
   that reaches here is one line and exit 130 / 143. Other errors keep their traceback."""
+  from illada_jax import multiprocess
   from illada_jax.jobs import JobError
   from illada_jax.checkpoint.errors import ConversionError
+  global _PROG
+  _PROG = prog
   previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+  code, reason = None, None
   try:
     return main(argv)
   except (UsageError, JobError, ConversionError) as e:
-    print(f'{prog}: error: {e}'.replace('\n', ' '), file=sys.stderr, flush=True)
-    return 2
-  except Interrupted as e:
-    print(f'{prog}: stopped by {e.name}; what was finished is kept (rerun to resume)',
-          file=sys.stderr, flush=True)
-    return 128 + e.signum
-  except KeyboardInterrupt:
-    print(f'{prog}: stopped by SIGINT; what was finished is kept (rerun to resume)',
-          file=sys.stderr, flush=True)
-    return 130
+    reason = ' '.join(str(e).split('\n'))
+    print(f'{prog}: error: {reason}', file=sys.stderr, flush=True)
+    code = 2
+  except multiprocess.GroupFailed as e:
+    print(f'{prog}: stopping: {e}', file=sys.stderr, flush=True)
+    code = 1
+  except KeyboardInterrupt as e:
+    name, signum = (e.name, e.signum) if isinstance(e, Interrupted) else ('SIGINT', 2)
+    reason = f'stopped by {name}'
+    print(f'{prog}: {reason}; what was finished is kept (rerun to resume)', file=sys.stderr,
+          flush=True)
+    code = 128 + signum
+  except BaseException as e:  # an internal error: its traceback, and the other processes told
+    if not multiprocess.active() or isinstance(e, SystemExit):
+      raise
+    import traceback
+    traceback.print_exc()
+    reason, code = f'{type(e).__name__}: {e}', 1
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+  if multiprocess.active():  # the whole job stops; no shutdown barrier waiting for the failed
+    if reason is not None:
+      multiprocess.report_failure(reason)
+    multiprocess.exit_now(code)
+  return code
+
+
+_PROG = 'illada'
 
 
 class Interrupted(KeyboardInterrupt):
@@ -132,6 +152,12 @@ def init_distributed(args: argparse.Namespace) -> None:
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
+    from illada_jax import multiprocess
+
+    def stop(reason):
+      print(f'{_PROG}: stopping: {reason}', file=sys.stderr, flush=True)
+      multiprocess.exit_now(1)
+    multiprocess.watch(stop)
 
 
 def local_mesh(spec: str | None):
@@ -144,13 +170,10 @@ def local_mesh(spec: str | None):
 
 
 def barrier(name: str):
-  """A cross-process barrier (a no-op with one process)."""
-  import jax
-  if jax.process_count() == 1:
-    return lambda: None
-  from jax.experimental import multihost_utils
-  counter = iter(range(1 << 30))
-  return lambda: multihost_utils.sync_global_devices(f'{name}-{next(counter)}')
+  """A cross-process barrier (a no-op with one process) that stops when another process
+  failed, and after `multiprocess.DEFAULT_BARRIER_TIMEOUT_S` (`illada_jax.multiprocess`)."""
+  from illada_jax import multiprocess
+  return multiprocess.barrier(name)
 
 
 def check_engine_args(args: argparse.Namespace, input_flag: str, input_path: str | None):
