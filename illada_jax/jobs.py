@@ -267,13 +267,19 @@ def checkpoint_identity(path: str) -> str:
 
 
 def check_producer(out: str, produced_by: dict, write: bool = False) -> None:
-  """Raises JobError naming the key and both values if `out` was written by another
-  checkpoint or settings (its `job.json`); with `write`, records `produced_by` if new."""
+  """Raises JobError naming the key and both values if `out` holds results written by
+  another checkpoint or settings (its `job.json`); an output of error records only may be
+  redone with other settings. With `write`, records `produced_by` if new."""
   want = json.loads(json.dumps(produced_by, sort_keys=True))
   path = job_file(out)
+  old = None
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       old = json.load(f)
+  if old is not None and old != want and not any(
+      not _is_error(line) for lines in existing_results(out).values() for line in lines):
+    old = None  # only error records (a job-wide mistake since fixed): nothing stale to keep
+  if old is not None:
     for key in sorted(set(old) | set(want)):
       a, b = old.get(key), want.get(key)
       if a == b:
@@ -285,7 +291,7 @@ def check_producer(out: str, produced_by: dict, write: bool = False) -> None:
         what = f'{key} was {a!r}, now {b!r}'
       raise JobError(f'{out} was written with other settings ({what}); pass --restart to '
                      'recompute it, or choose another --out')
-  elif write:
+  elif write and old != want:
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
       json.dump(want, f, indent=2, sort_keys=True)
       f.write('\n')
