@@ -40,6 +40,9 @@ class TrainConfig:
   mesh: str = 'data=1,fsdp=-1,tensor=1'  # see sharding.parse_mesh_shape
   # Logical axis -> mesh axes for parameters, activations and the batch.
   sharding_rules: tuple = sharding.RULES
+  # Resume with changed data settings (batch size, files, seq_len, ...): keep the
+  # weights, optimizer and step, restart the data iterator (see `resume`).
+  restart_data: bool = False
   eps: float = 1e-3  # minimum masking probability
   random_length_prob: float = 0.01  # pre-training only
   loss_chunk: int = 512  # sequence positions per LM-head/CE chunk
@@ -216,6 +219,9 @@ def check(cfg: TrainConfig, devices: int, processes: int = 1) -> TrainConfig:
     usage.checkpoint_dir('init_from', cfg.init_from)
   usage.writable_dir('workdir', cfg.workdir)
   try:
-    return finetune.resolve_config(cfg)
+    cfg = finetune.resolve_config(cfg)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from None
+  from illada_jax import resume
+  resume.check(cfg, processes)
+  return cfg
