@@ -1,8 +1,10 @@
 """Commands that write a directory never destroy an input or leave a half-written one."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -81,3 +83,26 @@ def test_a_float16_export_that_would_overflow_is_refused(tmp_path, capsys):
                          progress=False)
   assert np.isfinite(np.asarray(checkpoint.load_checkpoint(str(tmp_path / 'ckpt'))[1][
       'final_norm']['scale'])).all()
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_conversion_removes_its_temporary_directory(tmp_path, monkeypatch, capsys,
+                                                                   sig):
+  """The signal arrives while the converter writes (sent to this very process): exit 128 + n,
+  one line, no destination and no temporary directory left."""
+  params = illada_jax.init_params(WORD_CFG, jax.random.key(0))
+  illada_jax.save_checkpoint(str(tmp_path / 'ckpt'), WORD_CFG, params)
+  from illada_jax.checkpoint import convert as convert_lib
+  real = convert_lib.write_safetensors
+
+  def interrupted(*a, **k):
+    real(*a, **k)
+    os.kill(os.getpid(), sig)
+    time.sleep(5)  # the handler raises here
+    raise AssertionError('no signal arrived')
+  monkeypatch.setattr(convert_lib, 'write_safetensors', interrupted)
+  rc = convert_cli.main(['orbax-to-hf', str(tmp_path / 'ckpt'), str(tmp_path / 'hf'), '--quiet'])
+  assert rc == 128 + sig
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and sig.name in err[0], err
+  assert sorted(os.listdir(tmp_path)) == ['ckpt']

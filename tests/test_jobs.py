@@ -374,3 +374,28 @@ def test_a_failing_process_stops_the_whole_job_within_seconds_and_stays_resumabl
   assert [p.returncode for p in procs] == [0, 1], logs  # process 1 holds the error record
   got = read_jsonl(out)
   assert [r['id'] for r in got] == [1, 2, 3, 4] and 'error' in got[1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_sigterm_stops_a_job_after_flushing_and_a_rerun_finishes_it(tmp_path):
+  path, _ = word_checkpoint(str(tmp_path))
+  prompts = write_jsonl(tmp_path / 'in.jsonl', [
+      {'prompt': ' '.join(f'w{(5 * i + j) % 50}' for j in range(1 + i % 3))} for i in range(120)])
+  out = tmp_path / 'out.jsonl'
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(out), *FLAGS)
+    before = len(out.read_text().splitlines()) if out.exists() else 0
+    deadline = time.time() + 600
+    while not (out.exists() and len(out.read_text().splitlines()) >= before + 2):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
+      time.sleep(0.05)
+    proc.send_signal(sig)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + sig, log[-2000:]
+    assert 'Traceback' not in log and f'stopped by {sig.name}' in log, log[-2000:]
+    lines = out.read_text().splitlines()
+    assert all(json.loads(line)['completion'] is not None for line in lines)  # whole lines only
+  proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(out), *FLAGS)
+  log = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, log[-2000:]
+  assert [r['id'] for r in read_jsonl(out)] == list(range(1, 121))
