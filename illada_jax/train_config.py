@@ -19,6 +19,7 @@ from illada_jax import sharding
 from illada_jax.config import DataConfig, ModelConfig
 from illada_jax.configs import models as presets
 from illada_jax.usage import UsageError
+from illada_jax.util import user_tmp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class TrainConfig:
   eps: float = 1e-3  # minimum masking probability
   random_length_prob: float = 0.01  # pre-training only
   loss_chunk: int = 512  # sequence positions per LM-head/CE chunk
-  workdir: str = '/tmp/illada_run'
+  workdir: str = dataclasses.field(default_factory=lambda: user_tmp('illada_run'))  # per user
   log_every: int = 10
   eval_every: int = 0  # 0 = no periodic eval
   eval_batches: int = 4

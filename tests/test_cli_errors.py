@@ -195,3 +195,17 @@ def test_help_shows_each_default_once(capsys):
   assert 'default: gen_length' in text
   for chunk in text.split('--')[1:]:
     assert chunk.count('default:') <= 1, chunk
+
+
+def test_no_accelerator_device_means_cpu_only_unless_chosen(tmp_path):
+  from illada_jax.cli import _common
+  env = {}
+  _common.quiet_platforms(env, patterns=(str(tmp_path / 'accel*'),))
+  assert env == {'JAX_PLATFORMS': 'cpu'}  # libtpu is never loaded on a CPU machine
+  (tmp_path / 'accel0').write_text('')
+  env = {}
+  _common.quiet_platforms(env, patterns=(str(tmp_path / 'accel*'),))
+  assert env == {}  # a TPU host: JAX picks its platform
+  env = {'JAX_PLATFORMS': 'tpu'}
+  _common.quiet_platforms(env, patterns=(str(tmp_path / 'none*'),))
+  assert env == {'JAX_PLATFORMS': 'tpu'}  # the user's choice stands

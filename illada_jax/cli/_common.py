@@ -19,6 +19,22 @@ class Parser(argparse.ArgumentParser):
     self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
+ACCELERATOR_DEVICES = ('/dev/accel*', '/dev/vfio/*', '/dev/nvidia[0-9]*', '/dev/kfd')
+
+
+def quiet_platforms(env=os.environ, patterns=ACCELERATOR_DEVICES) -> None:
+  """Sets `JAX_PLATFORMS=cpu` on a machine without accelerator device files (TPU, GPU)
+  unless the user chose platforms: an installed libtpu then stays unloaded instead of
+  printing its errors on every command. Call before JAX starts its backends."""
+  import glob
+  if 'JAX_PLATFORMS' not in env and not any(glob.glob(p) for p in patterns):
+    env['JAX_PLATFORMS'] = 'cpu'
+    if env is os.environ and 'jax' in sys.modules:  # imported already: read its flag at import
+      import jax
+      if not jax.config.jax_platforms:
+        jax.config.update('jax_platforms', 'cpu')
+
+
 def guarded(prog: str, main, argv=None) -> int:
   """Runs `main(argv)`; a `UsageError` (or one of `expected` error types a library raises
   for bad input) becomes one line on stderr and exit 2; an interrupt (SIGINT, SIGTERM)
@@ -28,6 +44,7 @@ def guarded(prog: str, main, argv=None) -> int:
   from illada_jax.checkpoint.errors import ConversionError
   global _PROG
   _PROG = prog
+  quiet_platforms()
   previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
   code, reason = None, None
   try:
