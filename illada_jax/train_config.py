@@ -218,6 +218,7 @@ def check(cfg: TrainConfig, devices: int, processes: int = 1) -> TrainConfig:
     raise UsageError(f'data.chat_template {cfg.data.chat_template}: no such file')
   if cfg.init_from:
     usage.checkpoint_dir('init_from', cfg.init_from)
+    usage.apart('workdir', cfg.workdir, {'init_from checkpoint': cfg.init_from})
   usage.writable_dir('workdir', cfg.workdir)
   try:
     cfg = finetune.resolve_config(cfg)

@@ -210,6 +210,7 @@ def check_engine_args(args: argparse.Namespace, input_flag: str, input_path: str
     usage.readable_file(input_flag, input_path)
   if args.out:
     usage.writable_file('--out', args.out)
+    usage.apart('--out', args.out, {input_flag: input_path, '--ckpt': args.ckpt})
   elif jax.process_count() > 1:
     raise UsageError('several processes need --out')
   buckets = usage.int_list('--buckets', args.buckets)
