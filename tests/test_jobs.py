@@ -399,3 +399,14 @@ def test_ctrl_c_or_sigterm_stops_a_job_after_flushing_and_a_rerun_finishes_it(tm
   log = proc.communicate(timeout=600)[0]
   assert proc.returncode == 0, log[-2000:]
   assert [r['id'] for r in read_jsonl(out)] == list(range(1, 121))
+
+
+def test_a_score_answer_outside_the_choices_is_an_error_of_its_record(tmp_path):
+  from illada_jax.prompts import PromptFormat
+  from illada_jax.scoring import ScoringOptions
+  prepare, _ = jobs.scoring_requests(None, None, PromptFormat(), ScoringOptions(add_bos=False))
+  for answer in (3, -1, '0', 1.0, True):
+    rec = jobs.Record('in.jsonl:1', 1, {'context': 'c', 'choices': ['a', 'b', 'c'],
+                                        'answer': answer})
+    with pytest.raises(ValueError, match=r'"answer" must be the index of a choice \(0\.\.2\)'):
+      prepare(rec)
