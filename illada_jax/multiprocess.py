@@ -18,6 +18,7 @@ one place that uses it.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import sys
@@ -105,11 +106,15 @@ def watch(on_failure: Callable[[str], None], interval_s: float = 0.5) -> threadi
   if not active():
     return None
   me = f'process {_process()[0]}:'
+  exiting = threading.Event()
+  # Registered after jax.distributed's own exit handler, so it runs first: a normal exit's
+  # shutdown (the service going away) is not taken for a failure.
+  atexit.register(exiting.set)
 
   def loop():
-    while True:
+    while not exiting.is_set():
       reason = failure()
-      if reason is not None and not reason.startswith(me):
+      if reason is not None and not reason.startswith(me) and not exiting.is_set():
         on_failure(reason)
         return
       time.sleep(interval_s)
