@@ -27,7 +27,6 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -38,6 +37,9 @@ from typing import Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from illada_jax import engine as engine_lib
+from illada_jax import provenance
+from illada_jax.provenance import (HASH_KEY, checkpoint_identity, input_hash,  # noqa: F401 (API)
+                                   job_file)
 from illada_jax.prompts import PromptFormat
 from illada_jax.sampling import SamplingOptions
 from illada_jax.scoring import ScoringOptions
@@ -167,17 +169,6 @@ def _is_error(line: str) -> bool:
   return 'error' in json.loads(line)
 
 
-HASH_KEY = 'input_hash'
-
-
-def input_hash(r: Record) -> str | None:
-  """A short hash of a record's input object (None for a line that is not one)."""
-  if r.data is None:
-    return None
-  text = json.dumps(r.data, sort_keys=True, ensure_ascii=False)
-  return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
-
-
 def _fresh(line: str, want: str | None) -> bool:
   """Whether result `line` was computed from the input whose hash is `want`."""
   return want is not None and json.loads(line).get(HASH_KEY) == want
@@ -244,28 +235,6 @@ def merge(out: str, records: list[Record]) -> int:
 
 # -- what produced an output --------------------------------------------------------
 
-def job_file(out: str) -> str:
-  return out + '.job.json'
-
-
-def checkpoint_identity(path: str) -> str:
-  """`realpath#hash` of checkpoint directory `path`: its `model_config.json` bytes and the
-  names, sizes and modification times of the files of its parameters (no weight is read)."""
-  real = os.path.realpath(path)
-  h = hashlib.sha256()
-  cfg = os.path.join(real, 'model_config.json')
-  if os.path.isfile(cfg):
-    with open(cfg, 'rb') as f:
-      h.update(f.read())
-  for root, dirs, files in os.walk(os.path.join(real, 'params')):
-    dirs.sort()
-    for name in sorted(files):
-      st = os.stat(os.path.join(root, name))
-      h.update(f'{os.path.relpath(os.path.join(root, name), real)}:{st.st_size}:'
-               f'{st.st_mtime_ns}\n'.encode())
-  return f'{real}#{h.hexdigest()[:16]}'
-
-
 def check_producer(out: str, produced_by: dict, write: bool = False) -> None:
   """Raises JobError naming the key and both values if `out` holds results written by
   another checkpoint or settings (its `job.json`); an output of error records only may be
@@ -280,15 +249,8 @@ def check_producer(out: str, produced_by: dict, write: bool = False) -> None:
       not _is_error(line) for lines in existing_results(out).values() for line in lines):
     old = None  # only error records (a job-wide mistake since fixed): nothing stale to keep
   if old is not None:
-    for key in sorted(set(old) | set(want)):
-      a, b = old.get(key), want.get(key)
-      if a == b:
-        continue
-      if isinstance(a, dict) and isinstance(b, dict):
-        sub = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        what = ', '.join(f'{key}.{k} was {a.get(k)!r}, now {b.get(k)!r}' for k in sub)
-      else:
-        what = f'{key} was {a!r}, now {b!r}'
+    what = provenance.differences(old, want)
+    if what:
       raise JobError(f'{out} was written with other settings ({what}); pass --restart to '
                      'recompute it, or choose another --out')
   elif write and old != want:

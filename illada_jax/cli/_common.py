@@ -36,9 +36,11 @@ def quiet_platforms(env=os.environ, patterns=ACCELERATOR_DEVICES) -> None:
 
 
 def guarded(prog: str, main, argv=None) -> int:
-  """Runs `main(argv)`; a `UsageError` (or one of `expected` error types a library raises
-  for bad input) becomes one line on stderr and exit 2; an interrupt (SIGINT, SIGTERM)
-  that reaches here is one line and exit 130 / 143. Other errors keep their traceback."""
+  """Runs `main(argv)`: a user mistake (`UsageError`, and the libraries' bad-input errors
+  `JobError`, `ConversionError`) becomes one line on stderr and exit 2; an interrupt
+  (SIGINT, or SIGTERM raised as one) one line and exit 130 / 143; other errors keep their
+  traceback. With several processes, a failure is reported to the others and the process
+  leaves at once (`illada_jax.multiprocess`)."""
   from illada_jax import multiprocess
   from illada_jax.jobs import JobError
   from illada_jax.checkpoint.errors import ConversionError
