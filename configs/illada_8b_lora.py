@@ -5,7 +5,7 @@ Adapters (rank 16, alpha 32) on every attention and MLP projection
 and no weight decay; the base stays in bfloat16 and gets no gradient and no
 optimizer state. Step directories hold the adapters only; export with
 
-  illada-convert merge-lora /tmp/illada_8b_lora/checkpoints/STEP /ckpt/merged
+  illada-convert merge-lora $TMPDIR/illada_8b_lora-$USER/checkpoints/STEP /ckpt/merged
   illada-convert orbax-to-hf /ckpt/merged /hf/illada-8b-lora
 
 Per-chip memory and the largest per-device batch on v5p-64 / v6e-64:
@@ -18,6 +18,7 @@ import os
 from illada_jax.lora import LoraConfig
 from illada_jax.optimizer import OptimizerConfig
 from illada_jax.train_config import load_config
+from illada_jax.util import user_tmp
 
 # The sibling file by path: a config file may be run from a checkout or from the package.
 SFT = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'illada_8b_sft.py'))
@@ -29,4 +30,4 @@ CONFIG = dataclasses.replace(
     optimizer=OptimizerConfig(lr=2e-4, schedule='wsd', warmup_steps=50, total_steps=SFT.steps,
                               decay_fraction=0.1, final_lr_fraction=0.1, weight_decay=0.0,
                               clip_norm=1.0),
-    workdir='/tmp/illada_8b_lora')
+    workdir=user_tmp('illada_8b_lora'))

@@ -12,6 +12,7 @@ from illada_jax.configs.models import ILLADA_8B
 from illada_jax.data import DataConfig
 from illada_jax.optimizer import OptimizerConfig
 from illada_jax.train_config import TrainConfig
+from illada_jax.util import user_tmp
 
 CONFIG = TrainConfig(
     model=ILLADA_8B.replace(param_dtype='float32', compute_dtype='bfloat16', remat_policy='full',
@@ -21,5 +22,5 @@ CONFIG = TrainConfig(
     optimizer=OptimizerConfig(lr=4e-4, schedule='wsd', warmup_steps=2000, total_steps=500_000,
                               decay_fraction=0.1, weight_decay=0.1, clip_norm=1.0),
     batch_size=2048, seq_len=8192, steps=500_000, mesh='data=1,fsdp=-1,tensor=1',
-    workdir='/tmp/illada_8b', log_every=10, eval_every=1000, checkpoint_every=1000,
+    workdir=user_tmp('illada_8b'), log_every=10, eval_every=1000, checkpoint_every=1000,
     keep_checkpoints=3, loss_chunk=256)

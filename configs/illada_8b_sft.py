@@ -18,6 +18,7 @@ from illada_jax.configs.models import ILLADA_8B
 from illada_jax.data import DataConfig
 from illada_jax.optimizer import OptimizerConfig
 from illada_jax.train_config import TrainConfig
+from illada_jax.util import user_tmp
 
 CONFIG = TrainConfig(
     model=ILLADA_8B.replace(param_dtype='float32', compute_dtype='bfloat16', remat_policy='full',
@@ -29,5 +30,5 @@ CONFIG = TrainConfig(
                               decay_fraction=0.1, final_lr_fraction=0.1, weight_decay=0.1,
                               clip_norm=1.0),
     batch_size=256, seq_len=4096, steps=10_000, mesh='data=1,fsdp=-1,tensor=1',
-    random_length_prob=0.0, workdir='/tmp/illada_8b_sft', log_every=10, eval_every=500,
+    random_length_prob=0.0, workdir=user_tmp('illada_8b_sft'), log_every=10, eval_every=500,
     checkpoint_every=500, keep_checkpoints=3, loss_chunk=256)

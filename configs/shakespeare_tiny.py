@@ -17,6 +17,7 @@ from illada_jax.configs.models import ILLADA_TINY
 from illada_jax.data import DataConfig
 from illada_jax.optimizer import OptimizerConfig
 from illada_jax.train_config import TrainConfig
+from illada_jax.util import user_tmp
 
 TEXT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
                                      'shared', 'data', 'tinyshakespeare.txt'))
@@ -26,8 +27,8 @@ CONFIG = TrainConfig(
                               remat_policy='none'),
     objective='pretrain',
     data=DataConfig(paths=(TEXT,),
-                    tokenizer='/tmp/illada_shakespeare/sp.model', train_tokenizer_vocab=1024),
+                    tokenizer=os.path.join(user_tmp('illada_shakespeare'), 'sp.model'), train_tokenizer_vocab=1024),
     optimizer=OptimizerConfig(lr=1e-3, schedule='wsd', warmup_steps=100, total_steps=2000,
                               weight_decay=0.1),
-    batch_size=32, seq_len=256, steps=2000, workdir='/tmp/illada_shakespeare',
+    batch_size=32, seq_len=256, steps=2000, workdir=user_tmp('illada_shakespeare'),
     log_every=10, eval_every=200, checkpoint_every=500, loss_chunk=128)

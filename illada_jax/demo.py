@@ -34,6 +34,7 @@ from illada_jax.optimizer import OptimizerConfig
 from illada_jax.prompts import PromptFormat, left_pad
 from illada_jax.sampling import SamplingOptions
 from illada_jax.train import TrainConfig
+from illada_jax.util import user_tmp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class DemoConfig:
   layers: int = 3
   d_model: int = 96
   seed: int = 0
-  out: str = '/tmp/illada_demo'
+  out: str = dataclasses.field(default_factory=lambda: user_tmp('illada_demo'))
   # Answer canvas: the sum and its EOS padding, as SFT pads answers. The
   # tail is what long generations decode (and what the fast samplers skip).
   gen_length: int = 16

@@ -203,8 +203,17 @@ class Engine:
     """`options` with the tokenizer's vocabulary limit filled in and a text
     end-of-thinking marker encoded by the tokenizer (when the boost is on).
 
-    Raises ValueError (naming the field) for a marker that cannot be encoded.
+    Variable length: `gen_length` is capped in whole blocks at the model's window
+    (a prompt of one token and as many blocks as fit), so no canvas is built
+    beyond it. Raises ValueError (naming the field) for a marker that cannot
+    be encoded, or a block that leaves no room for a prompt.
     """
+    if options.variable_length and options.gen_length >= self.cfg.max_len:
+      cap = (self.cfg.max_len - 1) // options.block_length * options.block_length
+      if cap <= 0:
+        raise ValueError(f'SamplingOptions.block_length: {options.block_length} leaves no '
+                         f'room for a prompt within max_len {self.cfg.max_len}')
+      options = options.replace(gen_length=cap)
     options = end_think.resolve(options, self.tokenizer)
     end_think.check_ids(options, self.cfg.vocab_size)
     size = getattr(self.tokenizer, 'vocab_size', None)

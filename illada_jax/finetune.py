@@ -6,8 +6,9 @@ output, or a step directory `<workdir>/checkpoints/<step>` of another run).
 * `resolve_config(cfg)`: the checkpoint fixes the architecture and the
   token ids (`ModelConfig` fields outside `RUN_FIELDS`); the run keeps its
   execution choices (`RUN_FIELDS`: dtypes, attention kernel, remat, scan).
-  A field the run sets differently raises ValueError naming it (the run's
-  config must describe the checkpoint; nothing is silently replaced). With
+  A config that states no model (only training fields) takes them from the
+  checkpoint; one that states a model with a field set differently raises
+  ValueError naming it (nothing stated is silently replaced). With
   `data.tokenizer` empty, the checkpoint's tokenizer is used.
 * `init_state(cfg, mesh, tx)`: the parameters are restored by Orbax straight
   into the shards of the train state (target shardings from the abstract
@@ -44,18 +45,29 @@ from illada_jax.prompts import PromptFormat
 RUN_FIELDS = ('param_dtype', 'compute_dtype', 'attention_impl', 'remat_policy', 'scan_layers')
 
 
+def _architecture(model: ModelConfig) -> dict:
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(ModelConfig)
+          if f.name not in RUN_FIELDS}
+
+
 def checkpoint_model(run: ModelConfig, ckpt_dir: str) -> ModelConfig:
   """The model of checkpoint `ckpt_dir` with the run's `RUN_FIELDS`.
 
-  Raises FileNotFoundError if `ckpt_dir` has no `model_config.json`,
-  ValueError naming every field (outside `RUN_FIELDS`) where `run` differs.
+  A run whose config does not state a model (its architecture and ids are
+  those of `TrainConfig`'s default) takes the checkpoint's; one that states
+  one must match it. Raises FileNotFoundError if `ckpt_dir` has no
+  `model_config.json`, ValueError naming every field (outside `RUN_FIELDS`)
+  where a stated model differs.
   """
+  from illada_jax.train_config import TrainConfig  # its default model: "not stated"
   ckpt_store.check_not_lora(ckpt_dir)
   stored = ckpt_store.load_config(ckpt_dir)
+  stated = _architecture(run) != _architecture(TrainConfig().model)
   diffs = [f'model.{f.name}: run has {getattr(run, f.name)!r}, checkpoint has '
            f'{getattr(stored, f.name)!r}'
            for f in dataclasses.fields(ModelConfig)
-           if f.name not in RUN_FIELDS and getattr(run, f.name) != getattr(stored, f.name)]
+           if stated and f.name not in RUN_FIELDS
+           and getattr(run, f.name) != getattr(stored, f.name)]
   if diffs:
     raise ValueError(f'init_from={ckpt_dir}: the run\'s model does not match the checkpoint\'s '
                      f'{ckpt_store.CONFIG_FILE}: ' + '; '.join(diffs)

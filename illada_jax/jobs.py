@@ -8,6 +8,13 @@ first; any other corrupt line stops it), runs again the ids written as
 errors, and at the end the output is rewritten in input order, so it holds
 every id exactly once with the same content as an uninterrupted run.
 
+Every output line carries `input_hash`, a hash of its input record, and
+`OUT.job.json` records what produced the output (`produced_by`: the
+checkpoint's identity and a fingerprint of the settings). A rerun recomputes
+the records whose input changed since, and refuses (JobError naming what
+changed) when the checkpoint or a setting changed, unless `restart` says to
+start the output over.
+
 With several processes (`jax.distributed`), process `i` of `n` takes the
 records whose index is `i mod n`, writes `OUT.part-i-of-n`, and process 0
 merges all parts into `OUT` after a barrier. A bad record (invalid JSON, no
@@ -30,6 +37,9 @@ from typing import Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from illada_jax import engine as engine_lib
+from illada_jax import provenance
+from illada_jax.provenance import (HASH_KEY, checkpoint_identity, input_hash,  # noqa: F401 (API)
+                                   job_file)
 from illada_jax.prompts import PromptFormat
 from illada_jax.sampling import SamplingOptions
 from illada_jax.scoring import ScoringOptions
@@ -159,15 +169,19 @@ def _is_error(line: str) -> bool:
   return 'error' in json.loads(line)
 
 
-def existing_results(out: str) -> dict[Any, str]:
-  """id -> JSON line of every result already in `out` and its part files (repaired first).
+def _fresh(line: str, want: str | None) -> bool:
+  """Whether result `line` was computed from the input whose hash is `want`."""
+  return want is not None and json.loads(line).get(HASH_KEY) == want
 
-  An id written more than once (an error record retried by a later run)
-  maps to its first result that is not an error, else to its last error.
+
+def existing_results(out: str) -> dict[Any, list[str]]:
+  """id -> the JSON lines written for it, oldest first, in `out` and its part files
+  (repaired first; `out` holds the merged older runs, so it comes first).
+
   Raises JobError naming the file and line if a line other than a torn last
   one is not a JSON object with an `id`.
   """
-  done = {}
+  done: dict[Any, list[str]] = {}
   for path in [out] + sorted(glob.glob(glob.escape(out) + '.part-*-of-*')):
     if not os.path.exists(path):
       continue
@@ -184,10 +198,16 @@ def existing_results(out: str) -> dict[Any, str]:
           raise JobError(f'{path}:{n}: corrupt result line (not a JSON object with an "id"); '
                          'fix or remove this line, or the file')
         line = line if line.endswith('\n') else line + '\n'
-        old = done.get(rec['id'])
-        if old is None or _is_error(old):
-          done[rec['id']] = line
+        done.setdefault(rec['id'], []).append(line)
   return done
+
+
+def _pick(lines: list[str], want: str | None) -> str | None:
+  """The line to keep for a record: its newest result of this input, else its newest error
+  (of this input, or a bad line's), else None (only stale lines: a changed input)."""
+  fresh = [line for line in lines if _fresh(line, want) or (want is None and _is_error(line))]
+  results = [line for line in fresh if not _is_error(line)]
+  return (results or fresh or [None])[-1]
 
 
 def merge(out: str, records: list[Record]) -> int:
@@ -201,8 +221,9 @@ def merge(out: str, records: list[Record]) -> int:
   n = 0
   with open(tmp, 'w', encoding='utf-8') as f:
     for r in records:
-      if r.id in done:
-        f.write(done[r.id])
+      line = _pick(done.get(r.id, []), input_hash(r)) if r.id is not None else None
+      if line is not None:
+        f.write(line)
         n += 1
     f.flush()
     os.fsync(f.fileno())
@@ -212,20 +233,56 @@ def merge(out: str, records: list[Record]) -> int:
   return n
 
 
+# -- what produced an output --------------------------------------------------------
+
+def check_producer(out: str, produced_by: dict, write: bool = False) -> None:
+  """Raises JobError naming the key and both values if `out` holds results written by
+  another checkpoint or settings (its `job.json`); an output of error records only may be
+  redone with other settings. With `write`, records `produced_by` if new."""
+  want = json.loads(json.dumps(produced_by, sort_keys=True))
+  path = job_file(out)
+  old = None
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      old = json.load(f)
+  if old is not None and old != want and not any(
+      not _is_error(line) for lines in existing_results(out).values() for line in lines):
+    old = None  # only error records (a job-wide mistake since fixed): nothing stale to keep
+  if old is not None:
+    what = provenance.differences(old, want)
+    if what:
+      raise JobError(f'{out} was written with other settings ({what}); pass --restart to '
+                     'recompute it, or choose another --out')
+  elif write and old != want:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump(want, f, indent=2, sort_keys=True)
+      f.write('\n')
+    os.replace(path + '.tmp', path)
+
+
+def restart_output(out: str) -> None:
+  """Removes `out`, its part files and its `job.json`: the next run starts it over."""
+  for p in [out, job_file(out)] + glob.glob(glob.escape(out) + '.part-*-of-*'):
+    if os.path.exists(p):
+      os.remove(p)
+
+
 @dataclasses.dataclass
 class JobSummary:
   total: int = 0  # records owned by this process
   skipped: int = 0  # already written (and not an error) by an earlier run
   done: int = 0  # finished in this run
   errors: int = 0  # bad records in this run (error records written, duplicate ids)
+  changed: int = 0  # written by an earlier run from another input: recomputed
   output_tokens: int = 0
   generated_tokens: int = 0
   seconds: float = 0.
 
   def line(self, unit: str = 'requests') -> str:
     rate = lambda n: n / self.seconds if self.seconds else 0.
-    return (f'{self.done} {unit} in {self.seconds:.1f} s ({self.skipped} already written, '
-            f'{self.errors} errors): output {rate(self.output_tokens):.1f} tok/s, '
+    changed = f', {self.changed} recomputed (input changed)' if self.changed else ''
+    return (f'{self.done} {unit} in {self.seconds:.1f} s ({self.skipped} already written'
+            f'{changed}, {self.errors} errors): output {rate(self.output_tokens):.1f} tok/s, '
             f'computed {rate(self.generated_tokens):.1f} tok/s')
 
 
@@ -233,13 +290,20 @@ def run(records: list[Record], out: str, prepare: Callable[[Record], Any],
         execute: Callable[[list], Iterable[tuple[Any, dict, int, int]]], *,
         on_error: str = 'skip', process_index: int = 0, process_count: int = 1,
         barrier: Callable[[], None] = lambda: None, progress: bool = True,
-        unit: str = 'requests', log=None) -> JobSummary:
+        unit: str = 'requests', log=None, produced_by: dict | None = None,
+        restart: bool = False) -> JobSummary:
   """Runs the records this process owns and not yet written; merges at the end.
 
   prepare(record) -> a work item, or raises ValueError (a bad record).
   execute(items) yields `(id, result dict, output tokens, generated tokens)`
   as each item finishes. Raises JobError on a bad record with `on_error='stop'`,
   or if `out` (or a part file) has a corrupt line before its last.
+
+  `produced_by` (JSON values: the checkpoint's identity, the settings) is
+  recorded in `OUT.job.json`; a rerun whose `produced_by` differs raises
+  JobError naming the key and both values, unless `restart` (the output is
+  removed and started over). A record written from another input (its
+  `input_hash` differs) is recomputed.
 
   Error records written by an earlier run are not skipped but retried: a
   job-wide mistake fixed on the command line does not stay in the output.
@@ -254,20 +318,32 @@ def run(records: list[Record], out: str, prepare: Callable[[Record], Any],
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   mine = [r for k, r in enumerate(records) if k % process_count == process_index]
   os.makedirs(os.path.dirname(os.path.abspath(out)) or '.', exist_ok=True)
+  if restart and process_index == 0:
+    restart_output(out)
+  if restart:
+    barrier()  # no process reads the output before it is gone
+  if produced_by is not None:
+    check_producer(out, produced_by, write=process_index == 0)
   done = existing_results(out)
   path = out if process_count == 1 else part_path(out, process_index, process_count)
   summary = JobSummary(total=len(mine))
   start = time.perf_counter()
   with open(path, 'a', encoding='utf-8') as f:
+    hashes = {r.id: input_hash(r) for r in mine}
+
     def write(rec: dict):
+      rec[HASH_KEY] = hashes.get(rec['id'])
       f.write(json.dumps(rec, ensure_ascii=False) + '\n')
       f.flush()
 
     items = []
     for r in mine:
-      if r.id is not None and r.id in done and not _is_error(done[r.id]):
+      old = _pick(done.get(r.id, []), hashes[r.id]) if r.id is not None else None
+      if old is not None and not _is_error(old):
         summary.skipped += 1
         continue
+      if r.id in done and old is None:
+        summary.changed += 1
       error = r.error
       if error is None:
         try:
@@ -390,6 +466,11 @@ def scoring_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
       conts = (d['continuation'],)
     else:
       raise ValueError('expected a "continuation" string or a "choices" list')
+    answer = d.get('answer')
+    if answer is not None and 'choices' in d and (
+        not _is_int(answer) or not 0 <= answer < len(conts)):
+      raise ValueError(f'"answer" must be the index of a choice (0..{len(conts) - 1}), '
+                       f'got {answer!r}')
     ctx = tuple(tokenizer.encode(d['context']))
     base = request_seed(seed, r.id, d)
     reqs = []

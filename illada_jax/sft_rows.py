@@ -4,7 +4,8 @@ Two kinds of record (one file may hold both):
 
   pair: `{"prompt": str, "response": str}` -> one row
         `[BOS? prompt | response | EOS...]`; a pair longer than L loses the end
-        of its response (at least one EOS is kept), counted as `responses_cut`.
+        of its response and gets no EOS (the text did not end there), counted
+        as `responses_cut` and logged.
   chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}`
         -> one row per assistant turn (`DataConfig.chat_turns='all'`; `'last'`:
         the final one only), each with the conversation before it as prompt:
@@ -27,11 +28,12 @@ A chat row longer than L (`prompt + response > L`) follows `overlong`
       remain, the row is dropped.
   'drop': the row is dropped.
 A pair row (`prompt`/`response`) keeps its prompt and loses the end of a
-response that does not fit (one EOS kept); a pair whose prompt alone leaves
-no room for one response token is dropped. If the first `NO_ROW_LIMIT`
+response that does not fit, without an EOS (an EOS would teach the model to
+stop mid-answer; the cut row still trains on the tokens it holds); a pair
+whose prompt alone leaves no room for one response token is dropped. If the first `NO_ROW_LIMIT`
 records give no row at all, the pipeline raises ValueError (it would
 otherwise read the data forever without a batch).
-Each outcome is counted (`SftCounts`): the first truncated or dropped row is
+Each outcome is counted (`SftCounts`): the first truncated, cut or dropped row is
 logged with its file and line, then a summary each time the count doubles;
 `illada_jax.data.sft_counts` returns the counts of a whole file set
 without training.
@@ -89,13 +91,16 @@ def sft_row(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int
   """`[BOS? prompt | response | EOS...]` of length L and its response mask (pair rule).
 
   tokens `[L]` int32; response_mask `[L]` int32, 1 on the response and its
-  EOS padding. A response too long loses its end (one EOS is kept). Raises
-  ValueError if the prompt alone does not leave room for one response token.
+  EOS padding. A response too long loses its end and gets no EOS (the row
+  ends mid-response, as the text did not end there). Raises ValueError if
+  the prompt alone does not leave room for one response token.
   """
   prompt = ([bos_id] if bos_id is not None else []) + list(prompt_ids)
   if len(prompt) >= seq_len:
     raise ValueError(f'SFT prompt of {len(prompt)} tokens does not fit seq_len={seq_len}')
-  response = list(response_ids)[:seq_len - len(prompt) - 1] + [eos_id]
+  response = list(response_ids)
+  response = response + [eos_id] if len(prompt) + len(response) < seq_len else \
+      response[:seq_len - len(prompt)]
   return _row(prompt, response, seq_len, eos_id)
 
 
@@ -210,7 +215,7 @@ class SftRows(grain.experimental.FlatMapTransform):
     self.keys = (prompt_key, response_key, messages_key)
     self.turns, self.overlong = turns, overlong
     self.counts = SftCounts() if counts is None else counts
-    self._next_report = {'truncated': 1, 'dropped': 1}
+    self._next_report = {'truncated': 1, 'dropped': 1, 'responses_cut': 1}
 
   def flat_map(self, element):
     where, record = element
@@ -242,13 +247,15 @@ class SftRows(grain.experimental.FlatMapTransform):
     response = self.tok.encode(str(record[response_key]))
     bos = self.bos_id if self.add_bos else None
     c.rows += 1
-    if len(prompt) + (bos is not None) + 1 >= self.seq_len:  # not one response token fits
+    if len(prompt) + (bos is not None) >= self.seq_len:  # not one response token fits
       c.dropped += 1
       self._report('dropped', where, f'pair prompt of {len(prompt)} tokens')
       self._check_some_fit()
       return []
-    if len(prompt) + (bos is not None) + len(response) + 1 > self.seq_len:
+    if len(prompt) + (bos is not None) + len(response) + 1 > self.seq_len:  # no room for EOS
       c.responses_cut += 1
+      self._report('responses_cut', where, f'pair response of {len(response)} tokens cut '
+                   f'(no EOS added)')
     return [sft_row(prompt, response, self.seq_len, self.eos_id, bos)]
 
   def _check_some_fit(self):

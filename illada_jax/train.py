@@ -23,15 +23,15 @@ written), `opt_state`, `meta` (step) and `data` (per-process Grain iterator
 state), and the run's tokenizer files (`finetune.stamp_step_dir`). With
 `cfg.init_from` the weights of a checkpoint directory start the run
 (`finetune`); with `cfg.eval_samples` each eval also logs sampled
-completions of held-out prompts (`train_samples`). SIGTERM saves and
-returns; a non-finite loss raises before any checkpoint of the bad state is
+completions of held-out prompts (`train_samples`). SIGTERM and SIGINT
+(Ctrl-C) save at the next step boundary and return (a second one aborts at
+once); a non-finite loss raises before any checkpoint of the bad state is
 written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -51,7 +51,9 @@ from illada_jax import lora as lora_lib
 from illada_jax import loss as loss_lib
 from illada_jax import model as model_lib
 from illada_jax import optimizer as opt_lib
+from illada_jax import resume
 from illada_jax import sharding
+from illada_jax import train_log
 from illada_jax.checkpoint import store as ckpt_store
 from illada_jax.config import ModelConfig
 from illada_jax.train_config import TrainConfig, load_config, override  # noqa: F401 (API)
@@ -268,63 +270,26 @@ def restore(mngr, step: int, abstract_state, data_iter):
 # -- the loop ---------------------------------------------------------------------
 
 class _Stop:
-  """Set by SIGTERM; the loop saves at the next step boundary and returns."""
+  """Set by SIGTERM or SIGINT (Ctrl-C); the loop saves at the next step boundary and returns.
+
+  A second signal raises KeyboardInterrupt at once (no save), for a user who
+  does not want to wait for the step and the checkpoint.
+  """
 
   def __init__(self):
-    self.requested = False
+    self.requested = None  # the name of the first signal
 
   def __call__(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested is not None:
+      raise KeyboardInterrupt(f'second {signal.Signals(signum).name}: aborted without saving')
+    self.requested = signal.Signals(signum).name
 
 
 def _global_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
   """Process-local rows -> one global array per key, sharded as `batch_sharding`."""
   bs = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(bs, np.asarray(v)) for k, v in batch.items()}
-
-
-class _Writer:
-  """TensorBoard (process 0 only) + metrics.jsonl."""
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    self.tb = None
-    self.jsonl = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
-      except ImportError:  # TensorBoard is optional
-        self.tb = None
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-
-  def write(self, step: int, metrics: dict[str, float]):
-    if not self.enabled:
-      return
-    if self.tb is not None:
-      for k, v in metrics.items():
-        self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
-    self.jsonl.flush()
-
-  def write_samples(self, step: int, samples: list[dict[str, str]]):
-    """Eval samples as TensorBoard text (one tag per prompt) and one metrics.jsonl line."""
-    if not self.enabled:
-      return
-    if self.tb is not None:
-      from illada_jax.train_samples import as_markdown
-      for i, sample in enumerate(samples):
-        self.tb.add_text(f'eval_samples/{i}', as_markdown(sample), step)
-    self.jsonl.write(json.dumps({'step': step, 'eval_samples': samples}) + '\n')
-    self.jsonl.flush()
-
-  def close(self):
-    if self.enabled:
-      if self.tb is not None:
-        self.tb.close()
-      self.jsonl.close()
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None,
@@ -342,12 +307,13 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
     on_log: called with (step, metrics) at each log step.
 
   Returns:
-    {'losses': {step: loss}, 'final_step', 'stopped': 'done' | 'sigterm' |
+    {'losses': {step: loss}, 'final_step', 'stopped': 'done' | 'sigterm' | 'sigint' |
     'stop_after', 'state', 'eval': {step: loss}, 'steps_per_sec'}.
   """
   if cfg.batch_size % (cfg.grad_accum * jax.process_count()):
     raise ValueError(f'batch_size={cfg.batch_size} must divide by grad_accum x processes')
   cfg = finetune.resolve_config(cfg)  # init_from: the checkpoint's model and tokenizer
+  restart_data = resume.check(cfg, jax.process_count())  # refuses what a resume cannot honour
   data_lib = _data_lib()
   mesh = sharding.make_mesh(cfg.mesh)
   tx = opt_lib.make_optimizer(cfg.optimizer)
@@ -367,12 +333,14 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   mngr = checkpoint_manager(cfg)
   latest = mngr.latest_step()
   if latest is not None:  # the run's own checkpoint wins over init_from
-    state = restore(mngr, latest, abstract_state, data_iter)
+    state = restore(mngr, latest, abstract_state, None if restart_data else data_iter)
     if cfg.lora.rank:
       state['base'] = base_params(cfg, mesh)
   else:
     state = init_state(cfg, mesh, tx)
   start = int(jax.device_get(state['step']))
+  if jax.process_index() == 0 and (latest is None or restart_data):
+    resume.record(cfg, jax.process_count())
 
   step_fn = jit_train_step(cfg, tx, mesh)
   eval_fn = make_eval_step(cfg, mesh) if eval_data else None
@@ -380,9 +348,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
   if cfg.eval_every and cfg.eval_samples:
     from illada_jax.train_samples import EvalSampler
     sampler = EvalSampler(cfg, mesh)
-  writer = _Writer(cfg.workdir)
+  writer = train_log.Writer(cfg.workdir, start)
   stop = _Stop()
-  old_handler = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+  old_handlers = ({s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+                  if _main_thread() else {})
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   flops_step = flops_lib.train_flops_per_token(cfg.model, cfg.seq_len) * tokens_per_step
@@ -408,8 +377,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
     nonlocal last_time, last_step
     if not pending:
       return
-    host = jax.device_get(pending)
+    host = jax.device_get(pending)  # waits for the steps to finish
     pending.clear()
+    if bar is not None:  # the bar counts finished steps, not dispatched ones
+      bar.update(len(host))
     for s, m in host:
       loss = float(m['loss'])
       if not math.isfinite(loss) or not m['params_finite']:
@@ -443,8 +414,6 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
       state, metrics = step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
-      if bar is not None:
-        bar.update(1)
       if step % cfg.log_every == 0:
         flush(step)
       if eval_fn is not None and step % cfg.eval_every == 0:
@@ -456,12 +425,12 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
         weights = (lora_lib.merge(cfg.lora, state['base'], state['params']) if cfg.lora.rank
                    else state['params'])  # LoRA: the sampler runs the merged model
         writer.write_samples(step, sampler(weights))
-      preempted = _agree(stop.requested)
+      preempted = _agree(stop.requested is not None)
       if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or preempted:
         flush(step)
         save(mngr, state, data_iter, cfg, force=True)
       if preempted:
-        reason = 'sigterm'
+        reason = (stop.requested or 'SIGTERM').lower()  # a peer's signal: as a preemption
         break
     else:
       if stop_after is not None and end < cfg.steps:
@@ -476,8 +445,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None,
     writer.close()
     if bar is not None:
       bar.close()
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
+    for s, handler in old_handlers.items():
+      signal.signal(s, handler)
   elapsed = time.perf_counter() - t_begin
   return {'losses': losses, 'eval': evals, 'final_step': step, 'stopped': reason,
           'state': state, 'steps_per_sec': (step - start) / max(elapsed, 1e-9),

@@ -63,7 +63,10 @@ def test_sft_row():
   np.testing.assert_array_equal(row['tokens'], [0, 7, 8, 9, 10, 11, 2, 2])
   np.testing.assert_array_equal(row['response_mask'], [0, 0, 0, 0, 1, 1, 1, 1])
   long = data.sft_row([7], list(range(10, 30)), 6, eos_id=2)
-  np.testing.assert_array_equal(long['tokens'], [7, 10, 11, 12, 13, 2])  # keeps one EOS
+  np.testing.assert_array_equal(long['tokens'], [7, 10, 11, 12, 13, 14])  # no invented EOS
+  np.testing.assert_array_equal(long['response_mask'], [0, 1, 1, 1, 1, 1])
+  exact = data.sft_row([7], [10, 11, 12, 13], 6, eos_id=2)  # the EOS still fits
+  np.testing.assert_array_equal(exact['tokens'], [7, 10, 11, 12, 13, 2])
 
 
 def test_shuffle_sharding_and_state(tmp_path, tok):

@@ -11,6 +11,7 @@ import pytest
 
 import illada_jax
 from illada_jax import checkpoint, data, finetune, prompts, train
+from illada_jax.checkpoint import store
 from illada_jax.cli import convert as convert_cli
 from illada_jax.optimizer import OptimizerConfig
 from helpers import (TRAIN_MODEL, make_data, make_tensors, read_hf, reference_logits, tiny_cfg,
@@ -94,6 +95,13 @@ def test_init_from_model_mismatch_names_the_field(tmp_path):
   assert 'model.rope_theta' in str(e.value)
   with pytest.raises(FileNotFoundError, match='model_config.json'):
     finetune.resolve_config(dataclasses.replace(cfg, init_from=str(tmp_path)))
+  # A config that states only training fields takes the architecture and ids from init_from.
+  plain = train.TrainConfig(init_from=ck)
+  plain = dataclasses.replace(plain, model=plain.model.replace(param_dtype='float32'))
+  got = finetune.resolve_config(plain).model
+  stored = store.load_config(ck)
+  assert got == stored.replace(**{f: getattr(plain.model, f) for f in finetune.RUN_FIELDS})
+  assert got.param_dtype == 'float32'
 
 
 # -- back to Hugging Face from a train step directory ------------------------------------

@@ -155,7 +155,8 @@ def test_badly_typed_fields_are_errors_of_their_record_not_of_the_job(tmp_path):
   assert got[5]['error'] == f'{src}:5: "stop" must be a string or a list of strings'
   assert got[6]['error'] == f'{src}:6: "temperature" must be a number, got True'
   assert got['ok'] == {'id': 'ok', 'prompt': 'y', 'stop': [], 'seed': 5, 'temperature': 1.0,
-                       'max_new_tokens': 3}  # "stop": null is no stop strings
+                       'max_new_tokens': 3,  # "stop": null is no stop strings
+                       jobs.HASH_KEY: jobs.input_hash(jobs.Record('', 'ok', rows[6]))}
   assert got['default']['stop'] == ['\n'] and got['default']['max_new_tokens'] == 9
   assert (s.errors, s.done) == (6, 2)
 
@@ -221,7 +222,47 @@ def test_error_records_of_one_process_are_retried_by_several(tmp_path):
     s = jobs.run(records, out, *_fake(), process_index=i, process_count=2, progress=False,
                  log=lambda m: None)
     assert (s.skipped, s.errors, s.done) == (0, 0, 3 if i == 0 else 2)
-  assert read_jsonl(out) == [{'id': i, 'echo': f'P{i - 1}'} for i in range(1, 6)]
+  assert [{k: v for k, v in r.items() if k != jobs.HASH_KEY} for r in read_jsonl(out)] == [
+      {'id': i, 'echo': f'P{i - 1}'} for i in range(1, 6)]
+
+
+def test_a_record_whose_input_changed_is_recomputed(tmp_path):
+  out = tmp_path / 'out.jsonl'
+  rows = [{'prompt': f'p{i}'} for i in range(4)]
+  jobs.run(_records(tmp_path, rows), str(out), *_fake(), progress=False, log=lambda m: None)
+  rows[1] = {'prompt': 'changed'}
+  s = jobs.run(_records(tmp_path, rows), str(out), *_fake(), progress=False, log=lambda m: None)
+  assert (s.skipped, s.changed, s.done) == (3, 1, 1)
+  got = read_jsonl(out)
+  assert [r['echo'] for r in got] == ['P0', 'CHANGED', 'P2', 'P3']
+  assert got[1][jobs.HASH_KEY] == jobs.input_hash(_records(tmp_path, rows)[1]) != \
+      got[0][jobs.HASH_KEY]
+
+
+def test_another_checkpoint_or_setting_is_refused_unless_restart(tmp_path):
+  out = str(tmp_path / 'out.jsonl')
+  records = _records(tmp_path, [{'prompt': f'p{i}'} for i in range(3)])
+  run = lambda by, **kw: jobs.run(records, out, *_fake(), progress=False, log=lambda m: None,
+                                  produced_by=by, **kw)
+  by = {'checkpoint': 'ck#1', 'settings': {'gen_length': 8, 'chat': False}}
+  assert run(by).done == 3 and run(by).skipped == 3
+  with pytest.raises(jobs.JobError, match=r'settings\.gen_length was 8, now 16.*--restart'):
+    run({**by, 'settings': {'gen_length': 16, 'chat': False}})
+  with pytest.raises(jobs.JobError, match="checkpoint was 'ck#1', now 'ck#2'"):
+    run({**by, 'checkpoint': 'ck#2'})
+  s = run({**by, 'checkpoint': 'ck#2'}, restart=True)
+  assert (s.skipped, s.done) == (0, 3) and len(read_jsonl(out)) == 3
+  assert run({**by, 'checkpoint': 'ck#2'}).skipped == 3
+
+
+def test_checkpoint_identity_follows_the_weights_files(tmp_path):
+  (tmp_path / 'params').mkdir()
+  (tmp_path / 'model_config.json').write_text('{}')
+  (tmp_path / 'params' / 'a').write_bytes(b'1')
+  first = jobs.checkpoint_identity(str(tmp_path))
+  assert jobs.checkpoint_identity(str(tmp_path)) == first
+  (tmp_path / 'params' / 'a').write_bytes(b'12')
+  assert jobs.checkpoint_identity(str(tmp_path)) != first
 
 # -- the real CLI -----------------------------------------------------------------
 
@@ -294,3 +335,78 @@ def test_two_processes_write_the_records_of_one(tmp_path):
   assert '5 requests' in logs[0] and '4 requests' in logs[1]  # records i mod 2
   assert two.read_bytes() == one.read_bytes()
   assert not [p for p in os.listdir(tmp_path) if '.part-' in p]
+
+
+@pytest.mark.slow
+def test_a_failing_process_stops_the_whole_job_within_seconds_and_stays_resumable(tmp_path):
+  """Process 1 owns a bad record under --on-error stop: both processes exit non-zero within
+  seconds of each other, naming process 1 and the record (before: 308 s, then exit 134)."""
+  path, _ = word_checkpoint(str(tmp_path))
+  prompts = write_jsonl(tmp_path / 'in.jsonl', [{'prompt': 'w1 w2'}, {'no': 'prompt'},
+                                                {'prompt': 'w3'}, {'prompt': 'w4 w5'}])
+  out = tmp_path / 'out.jsonl'
+
+  def pair(*extra):
+    port = _free_port()
+    procs = [_cli('--ckpt', path, '--prompts', prompts, '--out', str(out), *FLAGS, *extra,
+                  '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
+                  '--process-id', str(i)) for i in range(2)]
+    ended = [None, None]
+    deadline = time.monotonic() + 400
+    while None in ended:
+      for i, p in enumerate(procs):
+        if ended[i] is None and p.poll() is not None:
+          ended[i] = time.monotonic()
+      if time.monotonic() > deadline:
+        for p in procs:
+          p.kill()
+        raise AssertionError('a process of the job hung')
+      time.sleep(0.05)
+    return procs, [p.communicate()[0] for p in procs], ended
+
+  procs, logs, ended = pair('--on-error', 'stop')
+  assert procs[0].returncode != 0 and procs[1].returncode != 0, logs
+  assert abs(ended[0] - ended[1]) < 15, (ended, logs)
+  assert 'process 1' in logs[0] and 'in.jsonl:2' in logs[0], logs[0][-2000:]
+  assert 'in.jsonl:2' in logs[1], logs[1][-2000:]
+  assert 'Traceback' not in logs[0] + logs[1]
+  procs, logs, _ = pair()  # rerun: what was written is kept, the bad record is an error record
+  assert [p.returncode for p in procs] == [0, 1], logs  # process 1 holds the error record
+  got = read_jsonl(out)
+  assert [r['id'] for r in got] == [1, 2, 3, 4] and 'error' in got[1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_sigterm_stops_a_job_after_flushing_and_a_rerun_finishes_it(tmp_path):
+  path, _ = word_checkpoint(str(tmp_path))
+  prompts = write_jsonl(tmp_path / 'in.jsonl', [
+      {'prompt': ' '.join(f'w{(5 * i + j) % 50}' for j in range(1 + i % 3))} for i in range(120)])
+  out = tmp_path / 'out.jsonl'
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(out), *FLAGS)
+    before = len(out.read_text().splitlines()) if out.exists() else 0
+    deadline = time.time() + 600
+    while not (out.exists() and len(out.read_text().splitlines()) >= before + 2):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-2000:]
+      time.sleep(0.05)
+    proc.send_signal(sig)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + sig, log[-2000:]
+    assert 'Traceback' not in log and f'stopped by {sig.name}' in log, log[-2000:]
+    lines = out.read_text().splitlines()
+    assert all(json.loads(line)['completion'] is not None for line in lines)  # whole lines only
+  proc = _cli('--ckpt', path, '--prompts', prompts, '--out', str(out), *FLAGS)
+  log = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, log[-2000:]
+  assert [r['id'] for r in read_jsonl(out)] == list(range(1, 121))
+
+
+def test_a_score_answer_outside_the_choices_is_an_error_of_its_record(tmp_path):
+  from illada_jax.prompts import PromptFormat
+  from illada_jax.scoring import ScoringOptions
+  prepare, _ = jobs.scoring_requests(None, None, PromptFormat(), ScoringOptions(add_bos=False))
+  for answer in (3, -1, '0', 1.0, True):
+    rec = jobs.Record('in.jsonl:1', 1, {'context': 'c', 'choices': ['a', 'b', 'c'],
+                                        'answer': answer})
+    with pytest.raises(ValueError, match=r'"answer" must be the index of a choice \(0\.\.2\)'):
+      prepare(rec)

@@ -162,12 +162,16 @@ def test_the_demo_checkpoint_through_illada_sample_scores_what_the_demo_reports(
 
 
 def test_failed_records_exit_1_and_a_rerun_retries_them(ckpt, tmp_path):
-  """A job-wide mistake (a generation longer than max_len 64) makes every record an error:
-  exit 1; the rerun with a good setting replaces the errors instead of skipping them."""
+  """A job-wide mistake (a generation that leaves no prompt of these records room within
+  max_len 64) makes every record an error: exit 1; the rerun with a good setting replaces
+  the errors instead of skipping them (an output of errors only may change settings)."""
   path, params = ckpt
-  data = write_jsonl(tmp_path / 'in.jsonl', [{'prompt': 'w1 w2'}, {'prompt': 'w3'}])
+  data = write_jsonl(tmp_path / 'in.jsonl', [{'prompt': 'w1 w2'}, {'prompt': 'w3 w4'}])
   out = tmp_path / 'out.jsonl'
-  bad = ['--gen-length', '128', '--block-length', '4', '--steps', '128', '--no-progress']
+  bad = ['--gen-length', '64', '--variable-length', '--block-length', '64', '--no-progress']
+  assert sample_cli.main(['--ckpt', path, '--prompts', data, '--out', str(out), *bad]) == 2
+  assert not out.exists()  # refused before anything ran
+  bad = ['--gen-length', '63', '--steps', '63', '--no-progress']  # 2 + 63 > 64
   assert sample_cli.main(['--ckpt', path, '--prompts', data, '--out', str(out), *bad]) == 1
   assert all('error' in json.loads(line) for line in out.read_text().splitlines())
   assert sample_cli.main(['--ckpt', path, '--prompts', data, '--out', str(out), *FLAGS]) == 0

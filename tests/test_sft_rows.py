@@ -320,3 +320,19 @@ def test_pair_prompts_too_long_are_dropped_and_all_dropped_is_an_error(tmp_path,
                               tokenizer=tok, shuffle=False)
   with pytest.raises(ValueError, match='no SFT row fits seq_len=16'):
     data.sft_counts(only_long, seq_len=16)
+
+
+def test_a_pair_response_that_does_not_fit_is_cut_without_an_eos_and_logged(tmp_path, caplog):
+  tok = _llada_tok(tmp_path)
+  fits, long = {'prompt': 'hi', 'response': 'ok'}, {'prompt': 'hi', 'response': 'ok ' * 40}
+  path = write_jsonl(tmp_path / 'pairs.jsonl', [fits, long])
+  cfg = data.DataConfig(paths=(path,), tokenizer=tok, shuffle=False)
+  with caplog.at_level('WARNING', logger=sft_rows.__name__):
+    (first, _), (cut, cut_mask) = _rows(cfg, 16)
+  eos = int(first[-1])  # a row that fits is padded with EOS
+  ok = int(first[np.flatnonzero(first == eos)[0] - 1])
+  assert list(cut[-4:]) == [ok] * 4 and cut_mask[-1] == 1  # the answer runs to the end
+  assert eos not in cut
+  assert data.sft_counts(cfg, seq_len=16).responses_cut == 1
+  assert any('responses_cut' in r.getMessage() and 'pairs.jsonl:2' in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from illada_jax import flops, sharding, train
+from illada_jax import flops, resume, sharding, train
+from illada_jax.lora import LoraConfig
 from illada_jax.optimizer import OptimizerConfig
 from helpers import TRAIN_MODEL as MODEL, tiny_config, write_train_config
 
@@ -87,18 +89,27 @@ def _wait_for(pred, proc, timeout=180):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_exits_cleanly(tmp_path, sig):
   root = str(tmp_path)
   path, cfg = _write_config(root, steps=100000, checkpoint_every=0)
   proc = _spawn(path)
   metrics = os.path.join(cfg.workdir, 'metrics.jsonl')
   _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, proc)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  assert 'sigterm at step' in out
+  assert f'{sig.name.lower()} at step' in out and 'Traceback' not in out
   steps = train.checkpoint_manager(cfg).all_steps()
   assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def test_a_second_signal_aborts_at_once():
+  stop = train._Stop()
+  stop(signal.SIGINT, None)
+  assert stop.requested == 'SIGINT'
+  with pytest.raises(KeyboardInterrupt, match='second SIGTERM'):
+    stop(signal.SIGTERM, None)
 
 
 @pytest.mark.slow
@@ -207,3 +218,32 @@ def test_train_step_shardings_follow_the_rules():
   assert specs['default'] == (P(('data', 'fsdp'), None), P(None, 'fsdp', 'tensor'),
                               P(None, 'fsdp', 'tensor'))
   assert specs['custom'] == (P('data', None), P(None, None, 'fsdp'), P(None, None, 'fsdp'))
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_data_settings_and_weights_and_metrics_never_repeat(tmp_path):
+  cfg = tiny_config(str(tmp_path), steps=4, checkpoint_every=2, async_checkpoints=False)
+  train.train(cfg, stop_after=2)
+  with open(os.path.join(cfg.workdir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps({'step': 3, 'loss': 9.0}) + '\n')  # logged, then killed before step 4's save
+  for key, value, named in [('batch_size', 16, 'batch_size was 8, now 16'),
+                            ('seq_len', 32, 'seq_len was 16, now 32'),
+                            ('data.paths', ('x.jsonl',), 'data.paths was'),
+                            ('data.chat_turns', 'last', 'data.chat_turns')]:
+    changed = dataclasses.replace(cfg, **{key: value}) if '.' not in key else dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, **{key[5:]: value}))
+    with pytest.raises(ValueError, match=f'{re.escape(named)}.*restart_data'):
+      train.train(changed)
+  with pytest.raises(ValueError, match='lora.rank was 0, now 4.*new workdir'):
+    train.train(dataclasses.replace(cfg, lora=LoraConfig(rank=4)))
+  with pytest.raises(ValueError, match='model.d_model was 32, now 64'):
+    train.train(dataclasses.replace(cfg, model=cfg.model.replace(d_model=64)))
+  out = train.train(dataclasses.replace(cfg, steps=5, log_every=2))  # harmless changes
+  assert out['final_step'] == 5
+  steps = [json.loads(line)['step'] for line in open(os.path.join(cfg.workdir, 'metrics.jsonl'))]
+  assert steps == sorted(set(steps)) and 9.0 not in [
+      json.loads(line).get('loss') for line in open(os.path.join(cfg.workdir, 'metrics.jsonl'))]
+  more = dataclasses.replace(cfg, steps=6, batch_size=16, restart_data=True)
+  assert train.train(more)['final_step'] == 6  # weights kept, data restarted
+  recorded = json.load(open(os.path.join(cfg.workdir, resume.SETTINGS_FILE)))
+  assert recorded == resume.settings(more, 1)  # the new settings are the run's now

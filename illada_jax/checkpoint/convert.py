@@ -25,14 +25,13 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
 from illada_jax.checkpoint import _orbax_stream, _to_hf, _to_orbax, store
+from illada_jax.checkpoint._destination import Destination, check_apart
 from illada_jax.checkpoint.errors import ConversionError
 from illada_jax.checkpoint.hf_names import layout
 from illada_jax.checkpoint.safetensors_io import HFSource, OutTensor, parse_size, write_safetensors
@@ -66,57 +65,9 @@ class _Progress:
     self.bar.close()
 
 
-class _Destination:
-  """A temporary sibling of `dst`: renamed onto it if the `with` block succeeds, else removed."""
-
-  def __init__(self, dst: str | os.PathLike, overwrite: bool):
-    self.dst = os.path.abspath(dst)
-    if os.path.lexists(self.dst) and not overwrite:
-      raise ConversionError(f'{self.dst}: destination exists (pass --overwrite to replace it)')
-    parent = os.path.dirname(self.dst)
-    if not os.path.isdir(parent):
-      raise ConversionError(f'{parent}: parent directory of the destination does not exist')
-    self.tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.dst)}.tmp-', dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not what a checkpoint wants
-
-  def __enter__(self) -> str:
-    return self.tmp
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is not None:
-      shutil.rmtree(self.tmp, ignore_errors=True)
-      return False
-    if os.path.lexists(self.dst):
-      old = self.tmp + '.old'
-      os.rename(self.dst, old)
-      os.rename(self.tmp, self.dst)
-      if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old)
-      else:
-        os.remove(old)
-    else:
-      os.rename(self.tmp, self.dst)
-    return False
-
-
-def _check_apart(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
-  """Raises ConversionError if the destination is the source, inside it, or holds it.
-
-  Real paths are compared, so a symlink or `..` cannot hide the overlap;
-  with `--overwrite` the destination would otherwise replace the source.
-  """
-  src, dst = os.path.realpath(src_dir), os.path.realpath(dst_dir)
-  if src == dst:
-    why = 'is the source directory'
-  elif os.path.commonpath([src, dst]) == src:
-    why = f'is inside the source directory {src}'
-  elif os.path.commonpath([src, dst]) == dst:
-    why = f'contains the source directory {src}'
-  else:
-    return
-  raise ConversionError(f'{dst_dir}: the destination {why}; write the conversion elsewhere')
+# Write beside, then swap; refuse a destination that overlaps the source (`_destination`).
+_Destination = Destination
+_check_apart = check_apart
 
 
 def hf_to_orbax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
@@ -181,8 +132,9 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
   from the source directory when it still exists). `dtype` ('bfloat16',
   'float32', 'float16'; default: the source's single dtype from
   `hf_source.json`, else as stored) casts every tensor (round to nearest
-  even), e.g. a run's float32 master weights to bfloat16. A tied head is
-  written only if the converted source had one. Raises ConversionError on any
+  even), e.g. a run's float32 master weights to bfloat16; a finite value the
+  cast would turn into inf raises ConversionError naming the tensor and its
+  range. A tied head is written only if the converted source had one. Raises ConversionError on any
   bad input, and if `dst_dir` is `src_dir`, inside it, or holds it.
   """
   if dtype not in (None, 'bfloat16', 'float32', 'float16'):
@@ -221,7 +173,7 @@ def orbax_to_hf(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
     dtype = _SOURCE_DTYPES[source_dtypes[0]]  # as the source was stored
   if dtype is not None:  # the shard writer casts each chunk to its tensor's dtype
     out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == 'bfloat16' else np.dtype(dtype)
-    tensors = [dataclasses.replace(t, dtype=out_dtype) for t in tensors]
+    tensors = [_cast_checked(t, out_dtype) for t in tensors]
     stored_dtype = dtype
   with _Destination(dst_dir, overwrite) as tmp:
     bar = _Progress(sum(t.nbytes for t in tensors), len(tensors), 'orbax-to-hf', progress)
@@ -256,6 +208,24 @@ def hf_config(cfg: ModelConfig, source: dict | None) -> dict:
   if 'rope_parameters' in source and 'rope_theta' not in source:
     out.pop('rope_theta')  # transformers 5 style: theta lives in rope_parameters only
   return out
+
+
+def _cast_checked(t: OutTensor, out_dtype: np.dtype) -> OutTensor:
+  """`t` cast to `out_dtype` chunk by chunk; ConversionError naming the tensor and its range
+  if a finite value becomes inf (a float16 export of weights beyond +-65504)."""
+  def chunks():
+    for chunk in t.chunks():
+      cast = chunk.astype(out_dtype)
+      if np.issubdtype(chunk.dtype, np.floating) or chunk.dtype == ml_dtypes.bfloat16:
+        bad = ~np.isfinite(cast.astype(np.float32)) & np.isfinite(chunk.astype(np.float32))
+        if bad.any():
+          wide = chunk.astype(np.float32)
+          raise ConversionError(
+              f'tensor {t.name}: values in [{wide.min():.6g}, {wide.max():.6g}] overflow '
+              f'{np.dtype(out_dtype).name} (largest {float(ml_dtypes.finfo(out_dtype).max):.6g}); '
+              'export in bfloat16 or float32 instead')
+      yield cast
+  return dataclasses.replace(t, dtype=out_dtype, chunks=chunks)
 
 
 def _counting(tensors: list[OutTensor], bar: _Progress) -> list[OutTensor]:

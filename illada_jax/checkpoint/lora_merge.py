@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from illada_jax import lora as lora_lib
 from illada_jax import model as model_lib
 from illada_jax.checkpoint import store
+from illada_jax.checkpoint._destination import Destination, check_apart
 from illada_jax.checkpoint.errors import ConversionError
 
 
@@ -62,26 +63,32 @@ def merge_lora_checkpoint(step_dir: str | os.PathLike, dst_dir: str | os.PathLik
   Returns:
     The `ModelConfig` written. Raises ConversionError if `step_dir` is not a
     LoRA step directory, the base is missing or does not match the run
-    (naming the tensor), or `dst_dir` exists without `overwrite`.
+    (naming the tensor), `dst_dir` exists without `overwrite`, or `dst_dir` is, holds
+    or is inside `step_dir` or the base. With `overwrite` the old `dst_dir` is
+    replaced only once the merged checkpoint is complete.
   """
   step_dir, dst_dir = os.path.abspath(step_dir), os.path.abspath(dst_dir)
   info = lora_lib.read_info(step_dir)
   if info is None:
     raise ConversionError(f'{step_dir}: no {lora_lib.INFO_FILE}; not a LoRA step directory')
   cfg = store.load_config(step_dir)
-  if os.path.exists(dst_dir):
-    if not overwrite:
-      raise ConversionError(f'{dst_dir} exists (pass overwrite to replace it)')
-    shutil.rmtree(dst_dir)
-  base, base_from = _base(step_dir, info, cfg, base_dir and os.fspath(base_dir))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          lora_lib.abstract_adapters(cfg, info['lora']))
-  adapters = ocp.StandardCheckpointer().restore(store.params_dir(step_dir), abstract)
-  # Eagerly, weight by weight: one float32 temporary at a time, not a whole float32 model.
-  base = jax.tree.map(lambda x: x.astype(cfg.param_dtype), base)
-  merged = lora_lib.merge(info['lora'], base, adapters)
-  store.save_checkpoint(dst_dir, cfg, merged, tokenizer_dir=step_dir)
-  if base_from and os.path.isfile(os.path.join(base_from, store.SOURCE_FILE)):
-    shutil.copy2(os.path.join(base_from, store.SOURCE_FILE), dst_dir)
+  base_dir = os.fspath(base_dir) if base_dir else info['base']
+  check_apart(step_dir, dst_dir, 'step directory')  # before anything is written or removed
+  if base_dir:
+    check_apart(base_dir, dst_dir, 'base checkpoint')
+    if not os.path.isdir(base_dir):
+      raise ConversionError(f'{step_dir}: base checkpoint {base_dir} does not exist '
+                            '(pass --base DIR)')
+  with Destination(dst_dir, overwrite) as tmp:  # the old dst stays until the merge is whole
+    base, base_from = _base(step_dir, info, cfg, base_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            lora_lib.abstract_adapters(cfg, info['lora']))
+    adapters = ocp.StandardCheckpointer().restore(store.params_dir(step_dir), abstract)
+    # Eagerly, weight by weight: one float32 temporary at a time, not a whole float32 model.
+    base = jax.tree.map(lambda x: x.astype(cfg.param_dtype), base)
+    merged = lora_lib.merge(info['lora'], base, adapters)
+    store.save_checkpoint(tmp, cfg, merged, tokenizer_dir=step_dir)
+    if base_from and os.path.isfile(os.path.join(base_from, store.SOURCE_FILE)):
+      shutil.copy2(os.path.join(base_from, store.SOURCE_FILE), tmp)
   return cfg

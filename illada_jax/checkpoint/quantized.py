@@ -24,6 +24,7 @@ import numpy as np
 from illada_jax import model as model_lib
 from illada_jax import quant
 from illada_jax.checkpoint import _orbax_stream, store
+from illada_jax.checkpoint._destination import Destination, check_apart
 from illada_jax.checkpoint._blocks import TABLE_BLOCK_BYTES, row_blocks
 from illada_jax.checkpoint.errors import ConversionError
 from illada_jax.config import QUANTIZE_MODES, ModelConfig
@@ -118,8 +119,9 @@ def quantize_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
   Returns the destination's `ModelConfig` (`quantize=mode`). Raises
   ConversionError (naming the directory or tensor) if `src_dir` is not a
   float checkpoint, `mode` is unknown, a stored tensor does not match
-  `model_config.json`, or `dst_dir` exists without `overwrite`. On failure
-  nothing is left at `dst_dir`.
+  `model_config.json`, `dst_dir` exists without `overwrite`, or it is, holds or
+  is inside `src_dir`. The result is written beside `dst_dir` and swapped in
+  when complete: on failure an old `dst_dir` is left as it was.
   """
   src_dir, dst_dir = os.path.abspath(src_dir), os.path.abspath(dst_dir)
   if mode not in QUANTIZE_MODES or mode == 'none':
@@ -131,19 +133,12 @@ def quantize_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
     raise ConversionError(str(e)) from None
   if cfg.quantize != 'none':
     raise ConversionError(f'{src_dir}: already holds {cfg.quantize} weights')
-  if os.path.realpath(src_dir) == os.path.realpath(dst_dir):
-    raise ConversionError(f'{dst_dir}: is the source')
-  if os.path.exists(dst_dir):
-    if not overwrite:
-      raise ConversionError(f'{dst_dir} exists (pass overwrite to replace it)')
-    shutil.rmtree(dst_dir)
+  check_apart(src_dir, dst_dir)
   qcfg = cfg.replace(quantize=mode, scan_layers=True)
   stored = _orbax_stream.open_stored_arrays(store.params_dir(src_dir))
   fcfg = cfg.replace(scan_layers=True)
   axes, shapes = model_lib.param_logical_axes(fcfg), model_lib.abstract_params(fcfg)
   names = set(quant.quantized_names(qcfg))
-  tmp = dst_dir + '.partial'
-  shutil.rmtree(tmp, ignore_errors=True)
 
   def leaf(path, shape):
     key = '/'.join(path)
@@ -159,18 +154,13 @@ def quantize_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
     return {'qvalue': one.lazy('qvalue', on_block), 'scale': one.lazy('scale', on_block)}
 
   tree = _walk(shapes, leaf)
-  try:
-    os.makedirs(tmp)
+  with Destination(dst_dir, overwrite) as tmp:  # written beside, swapped in when complete
     _orbax_stream.save_streaming(store.params_dir(tmp), tree)
     store.write_config(tmp, qcfg.replace(scan_layers=cfg.scan_layers))
     store.copy_tokenizer_files(src_dir, tmp)
     for extra in (store.SOURCE_FILE,):
       if os.path.isfile(os.path.join(src_dir, extra)):
         shutil.copy2(os.path.join(src_dir, extra), tmp)
-    os.replace(tmp, dst_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return qcfg.replace(scan_layers=cfg.scan_layers)
 
 

@@ -17,9 +17,11 @@ import argparse
 import os
 import sys
 
+from illada_jax.cli import _common
+
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='illada-convert', description=__doc__.split('\n\n')[0])
+  p = _common.Parser(prog='illada-convert', description=__doc__.split('\n\n')[0])
   sub = p.add_subparsers(dest='command', required=True)
   a = sub.add_parser('hf-to-orbax', help='Hugging Face directory -> Orbax checkpoint directory')
   a.add_argument('src', metavar='SRC_DIR')
@@ -62,30 +64,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  return _common.guarded('illada-convert', _main, argv)
+
+
+def _main(argv) -> int:
   args = _parser().parse_args(argv)
   # Conversion is host work: keep JAX off any accelerator (and its memory).
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   from absl import logging as absl_logging
   from illada_jax import checkpoint  # after parsing: --help stays fast
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes would break the progress bar
-  try:
-    if args.command == 'quantize':
-      from illada_jax.checkpoint.quantized import quantize_checkpoint
-      cfg = quantize_checkpoint(args.src, args.dst, 'int8_head' if args.head else 'int8',
-                                overwrite=args.overwrite)
-    elif args.command == 'merge-lora':
-      cfg = checkpoint.merge_lora_checkpoint(args.src, args.dst, base_dir=args.base,
-                                             overwrite=args.overwrite)
-    elif args.command == 'hf-to-orbax':
-      cfg = checkpoint.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh,
-                                overwrite=args.overwrite, progress=not args.quiet)
-    else:
-      cfg = checkpoint.orbax_to_hf(args.src, args.dst, shard_size=args.shard_size,
-                                overwrite=args.overwrite, progress=not args.quiet,
-                                dtype=args.dtype)
-  except checkpoint.ConversionError as e:
-    print(f'illada-convert: error: {e}', file=sys.stderr)
-    return 2
+  if args.command == 'quantize':  # ConversionError: one line, exit 2 (`_common.guarded`)
+    from illada_jax.checkpoint.quantized import quantize_checkpoint
+    cfg = quantize_checkpoint(args.src, args.dst, 'int8_head' if args.head else 'int8',
+                              overwrite=args.overwrite)
+  elif args.command == 'merge-lora':
+    cfg = checkpoint.merge_lora_checkpoint(args.src, args.dst, base_dir=args.base,
+                                           overwrite=args.overwrite)
+  elif args.command == 'hf-to-orbax':
+    cfg = checkpoint.hf_to_orbax(args.src, args.dst, dtype=args.dtype, mesh=args.mesh,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+  else:
+    cfg = checkpoint.orbax_to_hf(args.src, args.dst, shard_size=args.shard_size,
+                                 overwrite=args.overwrite, progress=not args.quiet,
+                                 dtype=args.dtype)
   print(f'illada-convert: wrote {args.dst} ({cfg.family}, {cfg.num_layers} layers, '
         f'd_model {cfg.d_model})', file=sys.stderr)
   return 0

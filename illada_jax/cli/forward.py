@@ -52,7 +52,9 @@ def run(preset: str = 'illada_tiny', batch: int = 2, seq_len: int = 64, mesh: st
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  from illada_jax.cli import _common
+  _common.quiet_platforms()
+  p = _common.Parser(prog='illada-forward', description=__doc__.splitlines()[0])
   p.add_argument('--preset', default='illada_tiny', help='a name from configs/models.py')
   p.add_argument('--batch', type=int, default=2)
   p.add_argument('--seq-len', type=int, default=64)

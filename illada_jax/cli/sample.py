@@ -62,7 +62,7 @@ def show_denoising(tok, out, start: int, prompts_text, stream=None, delay=0.05):
 
 def build_parser() -> argparse.ArgumentParser:
   from illada_jax.sampling import SamplingOptions
-  p = argparse.ArgumentParser(prog='illada-sample', description=__doc__.splitlines()[0])
+  p = _common.Parser(prog='illada-sample', description=__doc__.splitlines()[0])
   p.add_argument('--ckpt', required=True, help='checkpoint directory (illada-convert output)')
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument('--prompt', nargs='+', help='one or more prompt strings')
@@ -71,14 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--chat', action='store_true', help='wrap plain prompts in the chat format')
   p.add_argument('--tokenizer', default=None, help='tokenizer file (default: from --ckpt)')
   p.add_argument('--stop', nargs='*', default=[], help='stop strings (matched on the text)')
-  p.add_argument('--max-new-tokens', type=int, default=None, help='cut completions to this')
+  p.add_argument('--max-new-tokens', type=_common.positive_int, default=None,
+                 help='cut completions to this')
   p.add_argument('--seed', type=int, default=0, help='job seed (per-request seeds derive from it)')
-  p.add_argument('--slots', type=int, default=64, help='requests denoised at once')
+  p.add_argument('--slots', type=_common.positive_int, default=64,
+                 help='requests denoised at once')
   p.add_argument('--buckets', default=None, help='prompt-length buckets, e.g. 64,256,1024')
   p.add_argument('--mesh', default=None, help='e.g. data=2,fsdp=2,tensor=2 (local devices)')
   p.add_argument('--on-error', choices=('skip', 'stop'), default='skip',
                  help='a bad record: write an error record and go on, or stop')
   p.add_argument('--no-progress', action='store_true')
+  _common.add_restart(p)
   p.add_argument('--show-denoising', action='store_true',
                  help='replay the denoising of --prompt strings (fixed-step sampler)')
   from illada_jax.configs.sampling import PRESETS
@@ -89,32 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  return _common.guarded('illada-sample', _main, argv)
+
+
+def _main(argv) -> int:
   args = build_parser().parse_args(argv)
   _common.init_distributed(args)
   import jax
-  from illada_jax import jobs, prompts, sampling
+  from illada_jax import jobs, prompts, sampling, usage
   from illada_jax.configs.sampling import PRESETS
   options = _common.options_from(args, sampling.SamplingOptions, PRESETS)
-  opened = _common.open_engine(args, 'illada-sample')
-  if opened is None:
-    return 2
-  eng, tok, fmt = opened
+  cfg = _common.check_engine_args(args, '--prompts', args.prompts)
+  usage.generation_fits(cfg, options)
   if args.prompts:
     records = jobs.read_records(args.prompts)
+    if not records:
+      return _common.no_records('illada-sample', '--prompts', args.prompts, args.out)
   else:
     records = [jobs.Record(f'--prompt {i}', i, {'prompt': p}) for i, p in enumerate(args.prompt, 1)]
+  producer = _common.produced_by(args, options, chat=args.chat, stop=list(args.stop),
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
+  if args.out and not args.restart:  # another checkpoint or setting: refused before loading
+    jobs.check_producer(args.out, producer)
+  eng, tok, fmt = _common.open_engine(args, 'illada-sample')
   prepare, execute = jobs.generation_requests(
       eng, tok, fmt, options, chat=args.chat, stop=tuple(args.stop),
       max_new_tokens=args.max_new_tokens, seed=args.seed)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
-    try:
-      summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         barrier=_common.barrier('illada-sample'), progress=not args.no_progress)
-    except jobs.JobError as e:
-      print(f'illada-sample: {e}', file=sys.stderr)
-      return 2
+    summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       barrier=_common.barrier('illada-sample'), progress=not args.no_progress,
+                       restart=args.restart, produced_by=producer)
     if not args.out:
       with open(out, encoding='utf-8') as f:
         sys.stdout.write(f.read())

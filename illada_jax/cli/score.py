@@ -30,17 +30,18 @@ from illada_jax.cli import _common
 
 def build_parser() -> argparse.ArgumentParser:
   from illada_jax.scoring import ScoringOptions
-  p = argparse.ArgumentParser(prog='illada-score', description=__doc__.splitlines()[0])
+  p = _common.Parser(prog='illada-score', description=__doc__.splitlines()[0])
   p.add_argument('--ckpt', required=True)
   p.add_argument('--input', required=True, help='JSONL with context + continuation or choices')
   p.add_argument('--out', default=None, help='JSONL results (resumable); default: stdout')
   p.add_argument('--tokenizer', default=None)
   p.add_argument('--seed', type=int, default=0, help='job seed (per-request seeds derive from it)')
-  p.add_argument('--slots', type=int, default=64, help='rows scored at once')
+  p.add_argument('--slots', type=_common.positive_int, default=64, help='rows scored at once')
   p.add_argument('--buckets', default=None, help='row-length buckets, e.g. 64,256,1024')
   p.add_argument('--mesh', default=None, help='e.g. data=2,fsdp=2,tensor=2 (local devices)')
   p.add_argument('--on-error', choices=('skip', 'stop'), default='skip')
   p.add_argument('--no-progress', action='store_true')
+  _common.add_restart(p)
   from illada_jax.configs.scoring import PRESETS
   # rolling_window: rolling log-likelihood is a library / lm-eval request type, not a record kind.
   _common.add_options(p, ScoringOptions, 'scoring options (illada_jax.scoring.ScoringOptions)',
@@ -63,28 +64,31 @@ def accuracy(path: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+  return _common.guarded('illada-score', _main, argv)
+
+
+def _main(argv) -> int:
   args = build_parser().parse_args(argv)
   _common.init_distributed(args)
   import jax
   from illada_jax import jobs, scoring
   from illada_jax.configs.scoring import PRESETS
   options = _common.options_from(args, scoring.ScoringOptions, PRESETS)
-  opened = _common.open_engine(args, 'illada-score')
-  if opened is None:
-    return 2
-  eng, tok, fmt = opened
+  _common.check_engine_args(args, '--input', args.input)
+  records = jobs.read_records(args.input)
+  if not records:
+    return _common.no_records('illada-score', '--input', args.input, args.out)
+  producer = _common.produced_by(args, options, seed=args.seed)
+  if args.out and not args.restart:  # another checkpoint or setting: refused before loading
+    jobs.check_producer(args.out, producer)
+  eng, tok, fmt = _common.open_engine(args, 'illada-score')
   prepare, execute = jobs.scoring_requests(eng, tok, fmt, options, seed=args.seed)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
-    try:
-      summary = jobs.run(jobs.read_records(args.input), out, prepare, execute,
-                         on_error=args.on_error, process_index=jax.process_index(),
-                         process_count=jax.process_count(),
-                         barrier=_common.barrier('illada-score'), progress=not args.no_progress,
-                         unit='records')
-    except jobs.JobError as e:
-      print(f'illada-score: {e}', file=sys.stderr)
-      return 2
+    summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       barrier=_common.barrier('illada-score'), progress=not args.no_progress,
+                       unit='records', restart=args.restart, produced_by=producer)
     if jax.process_index() == 0:
       if not args.out:
         with open(out, encoding='utf-8') as f:
