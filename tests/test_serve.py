@@ -362,8 +362,8 @@ def test_lm_eval_local_completions_against_the_server_matches_the_offline_adapte
 @pytest.mark.parametrize('argv, flag', [
     (['--slots', '0'], '--slots'), (['--buckets', 'abc'], '--buckets'),
     (['--port', '70000'], '--port'), (['--max-queue', '0'], '--max-queue'),
-    (['--gen-length', '0'], 'gen_length'), (['--block-length', '5'], 'gen_length'),
-    (['--cache', 'bogus'], 'cache'), (['--score-preset', 'nope'], '--score-preset'),
+    (['--gen-length', '0'], '--gen-length'), (['--block-length', '5'], '--gen-length'),
+    (['--cache', 'bogus'], '--cache'), (['--score-preset', 'nope'], '--score-preset'),
     (['--ckpt', '/nonexistent/ckpt'], '--ckpt'), (['--gen-length', '64'], '--gen-length'),
 ])
 def test_serve_flags_are_checked_in_one_line_before_the_model_loads(argv, flag, ckpt, capsys):

@@ -23,11 +23,12 @@ import os
 import sys
 
 from illada_jax.cli import _common
+from illada_jax.usage import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
   from illada_jax.sampling import SamplingOptions
-  p = argparse.ArgumentParser(prog='illada-serve', description=__doc__.splitlines()[0])
+  p = _common.Parser(prog='illada-serve', description=__doc__.splitlines()[0])
   p.add_argument('--ckpt', required=True, help='checkpoint directory (illada-convert output)')
   p.add_argument('--tokenizer', default=None, help='tokenizer file (default: from --ckpt)')
   p.add_argument('--host', default='127.0.0.1', help='address to listen on (default: %(default)s)')
@@ -54,62 +55,53 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _fail(message: str) -> int:
-  print(f'illada-serve: {message}', file=sys.stderr)
-  return 2
-
-
 def settings_from(args: argparse.Namespace):
-  """(SamplingOptions, ScoringOptions, buckets) from the flags; ValueError naming the flag."""
+  """(SamplingOptions, ScoringOptions) from the flags; UsageError naming the flag."""
   from illada_jax import sampling, scoring
   from illada_jax.configs.sampling import PRESETS
   from illada_jax.configs.scoring import PRESETS as SCORE_PRESETS
   options = _common.options_from(args, sampling.SamplingOptions, PRESETS,
                                  gen_length=128, block_length=32)
   if args.score_preset is not None and args.score_preset not in SCORE_PRESETS:
-    raise ValueError(f'--score-preset {args.score_preset!r}: have {sorted(SCORE_PRESETS)}')
+    raise UsageError(f'--score-preset {args.score_preset!r}: have {sorted(SCORE_PRESETS)}')
   scoring_opts = SCORE_PRESETS[args.score_preset] if args.score_preset else scoring.ScoringOptions()
   for flag, value, low in (('--slots', args.slots, 1), ('--max-queue', args.max_queue, 1),
                            ('--port', args.port, 0)):
     if value < low:
-      raise ValueError(f'{flag} {value}: must be at least {low}')
+      raise UsageError(f'{flag} {value}: must be at least {low}')
   if args.port > 65535:
-    raise ValueError(f'--port {args.port}: must be at most 65535')
-  buckets = None
-  if args.buckets:
-    try:
-      buckets = [int(b) for b in args.buckets.split(',')]
-    except ValueError:
-      raise ValueError(f'--buckets {args.buckets!r}: expected integers like 64,256') from None
-    if min(buckets) <= 0:
-      raise ValueError(f'--buckets {args.buckets!r}: buckets must be positive')
-  return options, scoring_opts, buckets
+    raise UsageError(f'--port {args.port}: must be at most 65535')
+  return options, scoring_opts
 
 
 def main(argv=None) -> int:
+  return _common.guarded('illada-serve', _main, argv)
+
+
+def _main(argv) -> int:
   args = build_parser().parse_args(argv)
   try:
-    options, scoring_opts, buckets = settings_from(args)
-  except ValueError as e:
-    return _fail(str(e))
-  if not os.path.isdir(args.ckpt):
-    return _fail(f'--ckpt {args.ckpt}: not a directory')
-  from illada_jax import engine, prompts
+    options, scoring_opts = settings_from(args)
+  except ValueError as e:  # SamplingOptions names the field
+    raise UsageError(str(e)) from None
+  cfg = _common.check_engine_args(argparse.Namespace(**vars(args), out=None), '--ckpt', None)
+  if not options.variable_length and cfg.max_len - options.gen_length <= 0:
+    raise UsageError(f'--gen-length {options.gen_length}: leaves no room for a prompt in the '
+                     f'model window of {cfg.max_len} tokens')
+  from illada_jax import engine, prompts, usage
   from illada_jax.serve import app as app_lib, manager as manager_lib, metrics, server
   cfg, params = _common.load_model(args)
   tok = prompts.load_tokenizer(args.ckpt, args.tokenizer)
   fmt = prompts.PromptFormat.from_checkpoint(args.ckpt)
   try:
-    eng = engine.Engine(cfg, params, tokenizer=tok, slots=args.slots, buckets=buckets)
+    eng = engine.Engine(cfg, params, tokenizer=tok, slots=args.slots,
+                        buckets=usage.int_list('--buckets', args.buckets))
     options = eng.options_for(options)
-    if not options.variable_length:  # buckets no prompt can use would only cost compile time
-      room = cfg.max_len - options.gen_length
-      if room <= 0:
-        raise ValueError(f'--gen-length {options.gen_length}: leaves no room for a prompt in '
-                         f'the model window of {cfg.max_len} tokens')
-      eng.buckets = tuple(sorted({b for b in eng.buckets if b < room} | {room}))
   except ValueError as e:
-    return _fail(str(e))
+    raise UsageError(str(e)) from None
+  if not options.variable_length:  # buckets no prompt can use would only cost compile time
+    room = cfg.max_len - options.gen_length
+    eng.buckets = tuple(sorted({b for b in eng.buckets if b < room} | {room}))
   name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
   settings = manager_lib.Settings(options, scoring_opts, name, args.max_queue)
   manager = manager_lib.RequestManager(eng, tok, fmt, settings,
