@@ -80,10 +80,11 @@ def percentile(xs, q) -> float:
 def offline(ckpt: str, server_argv: list[str], prompts: list[str]):
   """(a): `Engine.generate` on the server's settings. Returns (seconds, texts, output tokens,
   per-request latencies from the start); the first pass compiles and is not timed."""
-  from illada_jax import checkpoint, engine, prompts as prompts_lib
+  from illada_jax import checkpoint, engine, prompts as prompts_lib, usage
   from illada_jax.cli import serve as serve_cli
   args = serve_cli.build_parser().parse_args(['--ckpt', ckpt] + server_argv)
-  options, _, buckets = serve_cli.settings_from(args)
+  options, _ = serve_cli.settings_from(args)
+  buckets = usage.int_list('--buckets', args.buckets)
   cfg, params = checkpoint.load_checkpoint(ckpt)
   tok = prompts_lib.load_tokenizer(ckpt)
   fmt = prompts_lib.PromptFormat.from_checkpoint(ckpt)
