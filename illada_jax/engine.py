@@ -283,19 +283,23 @@ class Engine:
   def decode(self, ids) -> str:
     return '' if self.tokenizer is None else self.tokenizer.decode(ids)
 
-  def warmup(self, options: SamplingOptions) -> int:
+  def warmup(self, options: SamplingOptions, max_bucket: int | None = None) -> int:
     """Compiles and runs once, on an idle pool, the block programs of `options`' settings
-    group for every bucket (argmax and sampling) and the widenings between buckets.
-    Returns the block programs compiled."""
+    group for every bucket up to `max_bucket` (argmax and sampling) and the widenings
+    between them. Returns the block programs compiled."""
     before = self.stats.compiles
     o = self.options_for(options)
-    for i, bucket in enumerate(self.buckets):
+    buckets = [b for b in self.buckets if b <= (max_bucket or self.buckets[-1])]
+    for i, bucket in enumerate(buckets):
       for t in (0., 1.):
-        args = self.put(block_inputs(self.cfg, o, self.slots, bucket))
-        jax.block_until_ready(self.program(o.replace(temperature=t), bucket)(self.params, *args))
-      for wider in self.buckets[i + 1:]:  # the pool's widenings, compiled on first use else
-        canvas = self.put(self.idle_canvas(o, self.slots, bucket))
-        jax.block_until_ready(self.scheduler.widen(canvas, bucket, wider))
+        # A pool's first block gets a placed canvas, later ones the program's own output:
+        # both kinds of argument are compiled here.
+        canvas, *rest = self.put(block_inputs(self.cfg, o, self.slots, bucket))
+        program = self.program(o.replace(temperature=t), bucket)
+        for _ in range(2):
+          canvas = jax.block_until_ready(program(self.params, canvas, *rest))[0]
+        for wider in buckets[i + 1:]:  # the pool's widenings, compiled on first use else
+          jax.block_until_ready(self.scheduler.widen(canvas, bucket, wider))
     return self.stats.compiles - before
 
   # -- generation --------------------------------------------------------------

@@ -64,10 +64,13 @@ class Completion:
 @dataclasses.dataclass(frozen=True)
 class Event:
   """What a handle yields: `text` newly committed (possibly ''), and on the last event the
-  `completion` (or the `error` that ended the request)."""
+  `completion` (or the `error` that ended the request) with the request's seconds from
+  submission to its first committed block (None if none was) and to its end."""
   text: str
   completion: Completion | None = None
   error: BaseException | None = None
+  first_block_seconds: float | None = None
+  seconds: float | None = None
 
 
 class Handle:
@@ -138,6 +141,10 @@ class Handle:
     if event.completion is not None or event.error is not None:
       self.finished = time.perf_counter()
       self.completion, self.error = event.completion, event.error
+      event = dataclasses.replace(
+          event, seconds=self.finished - self.submitted,
+          first_block_seconds=None if self.first_block is None
+          else self.first_block - self.submitted)
     try:
       (self._on_event or self._events.put)(event)
     except Exception:  # noqa: BLE001
@@ -226,9 +233,11 @@ class Scheduler:
     return job
 
   def waiting(self) -> int:
-    """Requests submitted and not yet admitted (cancelled ones until the next boundary)."""
+    """Requests submitted and not yet admitted (cancelled ones until the next boundary),
+    score requests included."""
     with self._cond:
-      return sum(len(q) for g in self._groups.values() for q in g.values())
+      return (sum(len(q) for g in self._groups.values() for q in g.values())
+              + sum(len(job.requests) for job in self._scores))
 
   def busy(self) -> int:
     """Slots holding a live request."""

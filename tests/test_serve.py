@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from illada_jax import engine, jobs, prompts
+from illada_jax import engine, jobs, prompts, scoring
 from illada_jax.sampling import SamplingOptions
 
 from helpers import WORD_CFG, start_server, word_checkpoint
@@ -176,7 +176,13 @@ BAD = [  # (route, body, status, param)
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'logprobs': 2}, 400, 'logprobs'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'top_p': 0.5}, 400, 'top_p'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'best_of': 3}, 400, 'best_of'),
-    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'n': 100}, 429, None),
+    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'n': 100}, 400, 'n'),
+    ('/v1/completions', {'model': 'model', 'prompt': []}, 400, 'prompt'),
+    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'stream': 'yes'}, 400, 'stream'),
+    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'max_tokens': True}, 400,
+     'max_tokens'),
+    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'seed': 2 ** 32}, 400, 'seed'),
+    ('/v1/nothing', {'model': 'model'}, 404, None),
     ('/v1/chat/completions', {'model': 'model', 'messages': []}, 400, 'messages'),
     ('/v1/chat/completions', {'model': 'model', 'messages': [{'role': 'user', 'content': 'w1'}],
                               'tools': [{'type': 'function'}]}, 400, 'tools'),
@@ -201,12 +207,13 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_change_nothing(server, case
       assert r.status_code == status, (body, r.text)
       err = r.json()['error']
       assert err['param'] == param and err['message'], (body, err)
-      if status == 429:
-        assert r.headers['retry-after'] == '1'
     assert http.post('/v1/completions', json={'model': 'model', 'prompt': 'w1'}).status_code == 401
     assert http.post('/v1/completions', json={'model': 'model', 'prompt': 'w1'},
                      headers={'Authorization': 'Bearer wrong'}).status_code == 401
     assert http.get('/v1/models').status_code == 401
+    assert http.get('/v1/models', headers={'Authorization': f'bearer {KEY}'}).status_code == 200
+    assert http.get('/v1/models/model', headers=auth).json()['id'] == 'model'
+    assert http.get('/openapi.json').status_code == 404
     big = {'model': 'model', 'prompt': 'w1 ' * 3_000_000}
     assert http.post('/v1/completions', json=big, headers=auth).status_code == 413
     ok = http.post('/v1/completions', headers=auth, json={
@@ -294,6 +301,9 @@ def test_load_with_disconnects_and_malformed_requests(server, cases):
   assert _metric(metrics, 'illada_busy_slots') == 0
   assert _metric(metrics, 'illada_queue_depth') == 0
   assert _metric(metrics, 'illada_requests_total') >= 144
+  cancelled = [line for line in metrics.splitlines()
+               if line.startswith('illada_requests_total{finish_reason="cancelled"}')]
+  assert cancelled and float(cancelled[0].split()[-1]) >= 1  # hung-up streams counted
   assert _metric(metrics, 'illada_time_to_first_block_seconds_count') >= 144
   assert httpx.get(url + '/health').json() == {'status': 'ok'}
 
@@ -385,3 +395,27 @@ def test_quantize_int8_reaches_the_served_model(ckpt, monkeypatch):
   routes = {r.path for r in served['app'].routes}
   assert {'/v1/completions', '/v1/chat/completions', '/v1/score', '/metrics'} <= routes
   assert served['app'].state.manager.engine.cfg.quantize == 'int8'
+
+
+def test_a_full_queue_is_a_429_with_retry_after(ckpt):
+  """The scheduler is not started here, so what is submitted stays queued."""
+  from illada_jax.serve import manager as manager_lib, metrics, protocol
+  path, params = ckpt
+  tok, fmt = prompts.load_tokenizer(path), prompts.PromptFormat.from_checkpoint(path)
+  eng = engine.Engine(WORD_CFG, params, tokenizer=tok, slots=2, buckets=(16,))
+  settings = manager_lib.Settings(OPTIONS, scoring.ScoringOptions(), 'model', max_queue=5)
+  manager = manager_lib.RequestManager(eng, tok, fmt, settings,
+                                       metrics.Metrics(eng.scheduler, eng.slots))
+  body = lambda n: protocol.CompletionRequest(model='model', prompt='w1 w2', n=n)
+
+  async def fill():
+    manager.stream(manager.completion_job(body(4)))
+    with pytest.raises(manager_lib.ServeError) as e:
+      manager.stream(manager.completion_job(body(2)))
+    return e.value
+  e = asyncio.run(fill())
+  assert e.status == 429 and e.headers == {'Retry-After': '1'} and eng.scheduler.waiting() == 4
+  with pytest.raises(manager_lib.ServeError) as e:
+    asyncio.run(manager.score(protocol.ScoreRequest(model='model', context='w1',
+                                                    continuations=['w2', 'w3'])))
+  assert e.value.status == 429

@@ -71,11 +71,24 @@ def settings_from(args: argparse.Namespace):
       raise UsageError(f'{flag} {value}: must be at least {low}')
   if args.port > 65535:
     raise UsageError(f'--port {args.port}: must be at most 65535')
+  if args.api_key is not None and not args.api_key.strip():
+    raise UsageError('--api-key: empty (no client could send it)')
   return options, scoring_opts
 
 
 def main(argv=None) -> int:
   return _common.guarded('illada-serve', _main, argv)
+
+
+def _check_port(host: str, port: int) -> None:
+  """UsageError if `host:port` cannot be listened on (before minutes of loading)."""
+  import socket
+  try:
+    with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      s.bind((host, port))
+  except OSError as e:
+    raise UsageError(f'--host {host} --port {port}: cannot listen there ({e.strerror})') from None
 
 
 def _main(argv) -> int:
@@ -88,6 +101,7 @@ def _main(argv) -> int:
   if not options.variable_length and cfg.max_len - options.gen_length <= 0:
     raise UsageError(f'--gen-length {options.gen_length}: leaves no room for a prompt in the '
                      f'model window of {cfg.max_len} tokens')
+  _check_port(args.host, args.port)
   from illada_jax import engine, prompts, usage
   from illada_jax.serve import app as app_lib, manager as manager_lib, metrics, server
   cfg, params = _common.load_model(args)
@@ -99,14 +113,16 @@ def _main(argv) -> int:
     options = eng.options_for(options)
   except ValueError as e:
     raise UsageError(str(e)) from None
-  if not options.variable_length:  # buckets no prompt can use would only cost compile time
+  room = None  # the largest prompt a request can bring
+  if not options.variable_length:
     room = cfg.max_len - options.gen_length
-    eng.buckets = tuple(sorted({b for b in eng.buckets if b < room} | {room}))
+    eng.buckets = tuple(sorted(set(eng.buckets) | {room}))  # larger ones serve /v1/score
   name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
   settings = manager_lib.Settings(options, scoring_opts, name, args.max_queue)
   manager = manager_lib.RequestManager(eng, tok, fmt, settings,
                                        metrics.Metrics(eng.scheduler, eng.slots))
-  app = app_lib.make_app(manager, api_key=args.api_key, warmup=lambda: eng.warmup(options))
+  app = app_lib.make_app(manager, api_key=args.api_key,
+                         warmup=lambda: eng.warmup(options, max_bucket=room))
   server.serve(app, args.host, args.port, grace=args.grace, log_level=args.log_level)
   return 0
 

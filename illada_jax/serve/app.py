@@ -21,6 +21,7 @@ import time
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from illada_jax.serve import protocol
 from illada_jax.serve.manager import FINISH_REASONS, ClientGone, RequestManager, ServeError, \
@@ -90,12 +91,16 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
         state['ready'] = True
       except Exception as e:  # noqa: BLE001 (reported by /health)
         state['failed'] = f'{type(e).__name__}: {e}'
-    threading.Thread(target=prepare, name='illada-warmup', daemon=True).start()
+    warming = threading.Thread(target=prepare, name='illada-warmup', daemon=True)
+    warming.start()
     yield
     state['draining'] = True
+    warming.join()  # a compile cannot be interrupted; exiting under it aborts the process
     eng.stop(timeout=30)
 
-  app = FastAPI(title='illada-serve', lifespan=lifespan)
+  # No /docs or /openapi.json: they would be the only routes outside --api-key.
+  app = FastAPI(title='illada-serve', lifespan=lifespan, docs_url=None, redoc_url=None,
+                openapi_url=None)
   app.state.serve, app.state.manager = state, manager
 
   def refused(e: ServeError):
@@ -105,6 +110,11 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
   @app.exception_handler(ServeError)
   async def _serve_error(request, e: ServeError):
     return refused(e)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def _http(request, e: StarletteHTTPException):  # unknown routes, unparsable bodies
+    return refused(ServeError(e.status_code, str(e.detail), kind='invalid_request_error'
+                              if e.status_code < 500 else 'server_error'))
 
   @app.exception_handler(RequestValidationError)
   async def _invalid(request, e: RequestValidationError):
@@ -123,8 +133,8 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
     if not state['ready']:
       raise ServeError(503, 'the server is still compiling', kind='service_unavailable')
     if api_key is not None:
-      given = request.headers.get('authorization', '')
-      if given != f'Bearer {api_key}':
+      scheme, _, given = request.headers.get('authorization', '').partition(' ')
+      if scheme.lower() != 'bearer' or given.strip() != api_key:
         raise ServeError(401, 'missing or wrong API key (Authorization: Bearer KEY)',
                          kind='authentication_error')
 
@@ -147,6 +157,11 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
     return {'object': 'list', 'data': [{
         'id': settings.model_name, 'object': 'model', 'created': int(time.time()),
         'owned_by': 'illada-jax', 'max_model_len': eng.cfg.max_len}]}
+
+  @app.get('/v1/models/{name}', dependencies=[Depends(authorized)])
+  async def model(name: str):
+    manager.check_model(name)
+    return (await models())['data'][0]
 
   @app.post('/v1/completions', dependencies=[Depends(authorized)])
   async def completions(body: protocol.CompletionRequest, request: Request):
@@ -237,6 +252,8 @@ async def _sse(stream, job, rid, created, model, chat, include_usage):
   except Exception as e:  # noqa: BLE001 (headers are sent: the error goes in the stream)
     if isinstance(e, asyncio.CancelledError):
       raise
-    yield f'data: {json.dumps({"error": {"message": str(e), "type": "server_error"}})}\n\n'
+    kind = e.kind if isinstance(e, ServeError) else 'server_error'
+    yield f'data: {json.dumps({"error": {"message": str(e), "type": kind}})}\n\n'
+    yield 'data: [DONE]\n\n'
   finally:
     await stream.aclose()

@@ -80,6 +80,8 @@ class RequestManager:
     """Engine requests for `/v1/completions`; raises ServeError naming the bad field."""
     self._check_common(body)
     rows = []
+    if not body.prompts():
+      raise ServeError(400, 'empty prompt list', 'prompt')
     for p in body.prompts():
       if isinstance(p, str):
         ids = self.fmt.encode(self.tok, self.engine.cfg, p)
@@ -130,27 +132,44 @@ class RequestManager:
     return Job(requests, sum(len(ids) for ids in rows))
 
   # -- running them ----------------------------------------------------------------------
-  def _submit(self, job: Job, stream: bool) -> tuple[list[Handle], asyncio.Queue]:
+  def check_queue(self, count: int, field: str) -> None:
+    """ServeError 400 if `count` requests could never queue, 429 if they cannot now."""
+    limit = self.settings.max_queue
+    if count > limit:
+      raise ServeError(400, f'{count} requests (prompts x n) are more than this server '
+                       f'queues (--max-queue {limit})', field)
     waiting = self.engine.scheduler.waiting()
-    if waiting + len(job.requests) > self.settings.max_queue:
+    if waiting + count > limit:
       raise ServeError(429, f'the queue is full ({waiting} requests waiting); retry later',
                        kind='rate_limit_error', headers={'Retry-After': '1'})
+
+  def _submit(self, job: Job, stream: bool) -> tuple[list[Handle], asyncio.Queue]:
+    self.check_queue(len(job.requests), 'n')
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     handles = []
     for i, req in enumerate(job.requests):
-      deliver = (lambda ev, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
-      handles.append(self.engine.submit(req, stream=stream, on_event=deliver))
+      handles.append(self.engine.submit(req, stream=stream,
+                                        on_event=self._deliver(loop, events, i)))
     self.metrics.prompt_tokens.inc(job.prompt_tokens)
     return handles, events
 
-  def _finished(self, h: Handle, ev: Event) -> None:
+  def _deliver(self, loop, events: asyncio.Queue, i: int):
+    """The handle's callback (scheduler thread): metrics as the request ends, whether or not
+    its client is still there; the event to the client's asyncio queue."""
+    def deliver(ev: Event):
+      if ev.completion is not None:
+        c = ev.completion
+        self.metrics.finished(FINISH_REASONS[c.finish_reason], len(c.token_ids), c.generated,
+                              ev.first_block_seconds, ev.seconds)
+      loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+    return deliver
+
+  @staticmethod
+  def _finished(h: Handle, ev: Event) -> None:
     if ev.error is not None:
-      raise ev.error
-    c = ev.completion
-    self.metrics.finished(FINISH_REASONS[c.finish_reason], len(c.token_ids), c.generated,
-                          None if h.first_block is None else h.first_block - h.submitted,
-                          h.finished - h.submitted)
+      raise ServeError(503, f'the request could not finish: {ev.error}',
+                       kind='service_unavailable')
 
   async def complete(self, job: Job, disconnected: Callable) -> list[Completion]:
     """Every choice's completion, in order; cancels them all (ClientGone) if the client leaves."""
@@ -200,6 +219,7 @@ class RequestManager:
         self.settings.scoring.replace(method=body.method)
     if o.add_bos is None:
       o = o.replace(add_bos=self.fmt.add_bos)
+    self.check_queue(len(body.continuations), 'continuations')
     ctx = tuple(self.tok.encode(body.context))
     reqs = []
     for j, text in enumerate(body.continuations):

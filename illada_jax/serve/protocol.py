@@ -32,13 +32,14 @@ _NEUTRAL = {
 
 
 class _Common(BaseModel):
-  """Fields shared by completions and chat completions."""
-  model_config = ConfigDict(extra='ignore')
+  """Fields shared by completions and chat completions. Strict types: `"stream": "yes"` or
+  `"max_tokens": true` are 400s, not coerced."""
+  model_config = ConfigDict(extra='ignore', strict=True)
 
   model: str
   temperature: float | None = Field(None, ge=0, le=100)
-  seed: int | None = None
-  stop: str | list[str] | None = None
+  seed: int | None = Field(None, ge=0, lt=2 ** 32)  # the request's random stream
+  stop: str | list[str] | None = Field(None, max_length=64)
   n: int = Field(1, ge=1, le=128)
   stream: bool = False
   stream_options: StreamOptions | None = None
@@ -84,24 +85,27 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-  model_config = ConfigDict(extra='ignore')
+  model_config = ConfigDict(extra='ignore', strict=True)
 
-  role: str
+  role: str = Field(min_length=1)
   content: str | list[dict] | None = None
   name: str | None = None
 
   def text(self) -> str:
-    """The content as text: a string, or the concatenated `text` parts (ValueError otherwise)."""
+    """The content as text: a string, or its `text` parts joined by newlines (as vLLM joins
+    them); ValueError for another kind of part. A null content is empty text."""
     if self.content is None:
       return ''
     if isinstance(self.content, str):
       return self.content
     out = []
     for part in self.content:
-      if part.get('type') != 'text' or not isinstance(part.get('text'), str):
+      if part.get('type') != 'text':
         raise ValueError(f'content part of type {part.get("type")!r}: only text parts')
+      if not isinstance(part.get('text'), str):
+        raise ValueError('a text content part without a "text" string')
       out.append(part['text'])
-    return ''.join(out)
+    return '\n'.join(out)
 
 
 class ChatCompletionRequest(_Common):
@@ -134,13 +138,13 @@ class ScoreRequest(BaseModel):
   multiple-choice score); default: the server's scoring settings. `seed`
   seeds the MC draws (continuation j uses seed + j).
   """
-  model_config = ConfigDict(extra='forbid')
+  model_config = ConfigDict(extra='forbid', strict=True)
 
   model: str
   context: str
   continuations: list[str] = Field(min_length=1, max_length=64)
   method: Literal['mc', 'confidence'] | None = None
-  seed: int = 0
+  seed: int = Field(0, ge=0, lt=2 ** 32)
 
 
 class ErrorDetail(BaseModel):

@@ -14,13 +14,19 @@ class _Server(uvicorn.Server):
   """uvicorn's server, draining on a signal and returning normally afterwards (uvicorn's own
   handling re-raises the signal once shut down, which would end the process by it)."""
 
-  def __init__(self, config: uvicorn.Config, state: dict):
+  def __init__(self, config: uvicorn.Config, state: dict, end_in_flight, grace: float):
     super().__init__(config)
-    self._serve_state = state
+    self._serve_state, self._end_in_flight, self._grace = state, end_in_flight, grace
 
   def handle_exit(self, sig, frame):
-    self._serve_state['draining'] = True
-    if self.should_exit and sig == signal.SIGINT:
+    if not self.should_exit:
+      self._serve_state['draining'] = True
+      # Just before uvicorn cancels what is left, the scheduler stops: requests still in
+      # flight then end with a 503 body (a stream with an error chunk), not a cut connection.
+      timer = threading.Timer(max(self._grace - 1., 0.), self._end_in_flight)
+      timer.daemon = True
+      timer.start()
+    elif sig == signal.SIGINT:
       self.force_exit = True  # a second Ctrl-C: stop waiting for requests
     self.should_exit = True
 
@@ -41,4 +47,5 @@ def serve(app, host: str, port: int, grace: float = 30., log_level: str = 'info'
   """Serves `app` (from `app.make_app`) until SIGINT / SIGTERM, then drains for `grace` s."""
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                           timeout_graceful_shutdown=grace, lifespan='on')
-  _Server(config, app.state.serve).run()
+  end = lambda: app.state.manager.engine.stop(timeout=10)
+  _Server(config, app.state.serve, end, grace).run()
