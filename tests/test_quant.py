@@ -193,7 +193,9 @@ def test_convert_quantize_refuses_bad_input_with_one_line(tmp_path, capsys):
   assert convert.main(['quantize', str(tmp_path / 'f'), str(tmp_path / 'q'), '--int8']) == 0
   cases = [([str(tmp_path / 'nope'), str(tmp_path / 'x')], 'nope: not a checkpoint directory'),
            ([str(tmp_path / 'q'), str(tmp_path / 'x')], 'already holds int8 weights'),
-           ([str(tmp_path / 'f'), str(tmp_path / 'q')], 'exists (pass overwrite')]
+           ([str(tmp_path / 'f'), str(tmp_path / 'q')], 'exists (pass --overwrite'),
+           ([str(tmp_path / 'f'), str(tmp_path / 'f' / 'in')], 'the destination is inside'),
+           ([str(tmp_path / 'f'), str(tmp_path / 'f')], 'the destination is the source')]
   capsys.readouterr()
   for args, msg in cases:
     assert convert.main(['quantize', *args, '--int8']) == 2
