@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 
+from illada_jax import util
 from illada_jax.config import ModelConfig
 
 
@@ -152,20 +153,11 @@ def apart(what: str, dst: str, inputs: dict[str, str]) -> None:
 
   `inputs` maps a name for the message (a flag) to its path.
   """
-  d = os.path.realpath(dst)
   for name, src in inputs.items():
-    if not src:
-      continue
-    s = os.path.realpath(src)
-    if s == d:
-      why = f'is the {name}'
-    elif os.path.commonpath([s, d]) == s:
-      why = f'is inside the {name} {src}'
-    elif os.path.commonpath([s, d]) == d:
-      why = f'contains the {name} {src}'
-    else:
-      continue
-    raise UsageError(f'{what} {dst}: the destination {why}; write it elsewhere')
+    how = util.overlap(src, dst) if src else None
+    if how is not None:
+      why = f'is the {name}' if how == 'is' else f'{how} the {name} {src}'
+      raise UsageError(f'{what} {dst}: the destination {why}; write it elsewhere')
 
 
 def generation_fits(cfg: ModelConfig, options) -> None:

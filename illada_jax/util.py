@@ -1,4 +1,5 @@
-"""Small helpers: integer rounding (kernels, checkpoint I/O), per-user default paths."""
+"""Small helpers: integer rounding (kernels, checkpoint I/O), per-user default paths, path
+overlap."""
 
 from __future__ import annotations
 
@@ -18,3 +19,14 @@ def user_tmp(name: str) -> str:
   except (KeyError, OSError):  # no login name (some containers): the uid still separates users
     user = str(os.getuid())
   return os.path.join(tempfile.gettempdir(), f'{name}-{user}')
+
+
+def overlap(src: str, dst: str) -> str | None:
+  """How destination `dst` overlaps input `src`, by real paths (a symlink or `..` cannot hide
+  it): 'is', 'is inside' or 'contains'; None when they are apart."""
+  import os
+  s, d = os.path.realpath(src), os.path.realpath(dst)
+  if s == d:
+    return 'is'
+  common = os.path.commonpath([s, d])
+  return 'is inside' if common == s else 'contains' if common == d else None

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 
+from illada_jax import util
 from illada_jax.checkpoint.errors import ConversionError
 
 
@@ -26,15 +27,10 @@ def check_apart(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
   Real paths are compared, so a symlink or `..` cannot hide the overlap;
   with `--overwrite` the destination would otherwise replace the input.
   """
-  src, dst = os.path.realpath(src_dir), os.path.realpath(dst_dir)
-  if src == dst:
-    why = f'is the {what}'
-  elif os.path.commonpath([src, dst]) == src:
-    why = f'is inside the {what} {src}'
-  elif os.path.commonpath([src, dst]) == dst:
-    why = f'contains the {what} {src}'
-  else:
+  how = util.overlap(src_dir, dst_dir)
+  if how is None:
     return
+  why = f'is the {what}' if how == 'is' else f'{how} the {what} {os.path.realpath(src_dir)}'
   raise ConversionError(f'{dst_dir}: the destination {why}; write it elsewhere')
 
 
