@@ -166,7 +166,7 @@ class RequestManager:
     return deliver
 
   @staticmethod
-  def _finished(h: Handle, ev: Event) -> None:
+  def _raise_if_failed(ev: Event) -> None:
     if ev.error is not None:
       raise ServeError(503, f'the request could not finish: {ev.error}',
                        kind='service_unavailable')
@@ -183,7 +183,7 @@ class RequestManager:
           if await disconnected():
             raise ClientGone() from None
           continue
-        self._finished(handles[i], ev)
+        self._raise_if_failed(ev)
         done[i] = ev.completion
     finally:
       for h in handles:
@@ -202,7 +202,7 @@ class RequestManager:
         while left:
           i, ev = await events.get()
           if ev.completion is not None or ev.error is not None:
-            self._finished(handles[i], ev)
+            self._raise_if_failed(ev)
             left -= 1
           yield i, ev.text, ev.completion
       finally:
