@@ -27,9 +27,9 @@ first block: `Engine.generate` hands out whole completions). Every streamed
 text is checked against (a)'s text for the same prompt (temperature 0: they
 must be equal), and every request must succeed: the run exits 1 otherwise.
 
-By default the checkpoint is `tools/bench_engine.py`'s reversal-task model
+By default the checkpoint is `tools/bench_engine.py`'s task model
 (trained once under `--workdir`) and the prompts its held-out problems, with
-its settings (variable length, block 4, limit 24, buckets 16/24/32/40).
+its settings (fixed length 24, block 4, buckets 16/24/32/40).
 Any checkpoint: `--ckpt DIR --prompts FILE.jsonl` (a `prompt` per line) and
 the sampling flags of `illada-serve`.
 
@@ -51,7 +51,7 @@ import time
 import numpy as np
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-TASK_SERVER_FLAGS = ('--gen-length', '24', '--block-length', '4', '--variable-length',
+TASK_SERVER_FLAGS = ('--gen-length', '24', '--block-length', '4',
                      '--temperature', '0')
 TASK_BUCKETS = '16,24,32,40'
 
@@ -241,7 +241,7 @@ def lines_for(name: str, f: Figures, a: Figures, b: Figures) -> list[str]:
 
 
 def task_prompts(workdir: str, n: int, train_steps: int | None) -> tuple[str, list[str]]:
-  """The bench_engine reversal model's checkpoint (trained once) and held-out prompts."""
+  """The bench_engine task model's checkpoint (trained once) and held-out prompts."""
   sys.path.insert(0, TOOLS)
   import bench_engine
   training = bench_engine.Training(**({} if train_steps is None else {'steps': train_steps}))
