@@ -195,6 +195,7 @@ class Engine:
     self.stats = EngineStats()
     self._programs: dict = {}
     self._wideners: dict = {}
+    self._resolved: dict = {}  # options_for's results: requests share a handful of options
     self.end_ids = frozenset(cfg.end_token_ids)  # every EOS id the checkpoint declares, EOT
     self.scheduler = Scheduler(self)
 
@@ -208,6 +209,11 @@ class Engine:
     beyond it. Raises ValueError (naming the field) for a marker that cannot
     be encoded, or a block that leaves no room for a prompt.
     """
+    if options not in self._resolved:
+      self._resolved[options] = self._resolve(options)
+    return self._resolved[options]
+
+  def _resolve(self, options: SamplingOptions) -> SamplingOptions:
     if options.variable_length and options.gen_length >= self.cfg.max_len:
       cap = (self.cfg.max_len - 1) // options.block_length * options.block_length
       if cap <= 0:
@@ -273,8 +279,8 @@ class Engine:
 
   def put(self, tree):
     """Device arrays, the slot axis split over the mesh's batch axes."""
-    if self.mesh is None:
-      return jax.device_put(tree)
+    if self.mesh is None:  # jit places host arrays itself, faster than a device_put first
+      return tree
     def place(a):
       names = ('act_batch',) + (None,) * (np.ndim(a) - 1) if np.ndim(a) else ()
       return jax.device_put(a, jax.NamedSharding(self.mesh, sharding.logical_to_spec(names)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import queue
 import threading
@@ -71,6 +72,7 @@ class _ScoreJob:
   results: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
 
 
+@functools.lru_cache(maxsize=1024)
 def group_key(options):
   """The settings group of a request: its program key with the temperature left out."""
   return options.program_key().replace(temperature=0.)
@@ -88,6 +90,7 @@ class Scheduler:
     self._seq = itertools.count()
     self._thread: threading.Thread | None = None
     self._stopping = False
+    self._newest_admitted = -1  # the latest arrival (block count at submit) admitted so far
 
   # -- submission (any thread) ------------------------------------------------------
   def submit(self, handle: Handle) -> Handle:
@@ -266,16 +269,19 @@ class Scheduler:
       o, p = h.request.options, len(h.request.prompt_ids)
       pool.live[s] = _Live(h, self.engine.limit_blocks(o, p))
       admitted.append(s)
+      self._newest_admitted = max(self._newest_admitted, h.submit_block)
     return admitted
 
   def _wider(self, pool: _Pool, queues, order, larger, free: int, busy: int) -> int | None:
     """The bucket to widen the pool to now, or None.
 
     When no waiting request fits, widen as soon as that moves more rows per
-    computed column. A request that does not fit and has waited longer than
-    two whole generations of its group (blocks run since it arrived) widens
-    the pool to its bucket anyway, so a stream of short prompts cannot starve
-    a long one.
+    computed column. A request that does not fit, has waited longer than two
+    whole generations of its group (blocks run since it arrived) and has seen
+    later arrivals admitted before it widens the pool to its bucket anyway, so
+    a stream of short prompts cannot starve a long one. Requests that arrived
+    together (an offline `generate`) never age: they run shortest bucket
+    first, which computes the fewest columns, and the queue only drains.
     """
     g = pool.options.gen_length
     if not any(queues[b] for b in order if b <= pool.bucket):
@@ -284,8 +290,10 @@ class Scheduler:
       if (busy + gain) * (pool.bucket + g) >= busy * (larger[0] + g):
         return larger[0]
     patience = 2 * pool.options.num_blocks
+    blocks = self.engine.stats.blocks
     aged = [b for b in larger
-            if self.engine.stats.blocks - queues[b][0].submit_block > patience]
+            if queues[b][0].submit_block < self._newest_admitted
+            and blocks - queues[b][0].submit_block > patience]
     return aged[-1] if aged else None
 
   def widen(self, canvas, bucket: int, new: int):

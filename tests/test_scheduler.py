@@ -134,6 +134,26 @@ def test_a_generate_abandoned_midway_cancels_its_requests():
   assert eng.stats.requests + eng.stats.cancelled == 5
 
 
+def test_requests_that_arrive_together_run_shortest_bucket_first():
+  """An offline batch never ages: long prompts wait until no short one is left, however many
+  generations that takes (the fewest computed columns)."""
+  params = make_params(LLADA)
+  eng = engine.Engine(LLADA, params, slots=2, buckets=(8, 16))
+  # Rows finish after 1-4 blocks, so a long prompt could widen the pool with rows live.
+  reqs = [engine.Request(i, tuple(range(1, 13)) if i % 10 == 0 else (1, 2, 3), VARIABLE, seed=i,
+                         max_new_tokens=4 * (1 + i % 4)) for i in range(40)]
+  admitted = []  # (request id, blocks run before its admission)
+  run_block = eng.scheduler._run_block
+  eng.scheduler._run_block = lambda pool, slots: (admitted.extend(
+      (pool.live[s].request.id, eng.stats.blocks) for s in slots), run_block(pool, slots))[1]
+  done = {c.id: c for c in eng.generate(reqs)}
+  longs = [r.id for r in reqs if len(r.prompt_ids) > 8]
+  assert sorted(i for i, _ in admitted[-len(longs):]) == longs
+  assert admitted[-len(longs)][1] > 2 * VARIABLE.num_blocks  # waited past the patience
+  assert all(done[r.id].token_ids == _alone(LLADA, params, r)[:r.max_new_tokens]
+             for r in reqs[:2])
+
+
 def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones():
   """Short prompts keep arriving, so one always fits the pool's bucket; the long prompt
   still gets in once it has waited two generations, widening the pool with rows live."""
