@@ -35,14 +35,14 @@ setup(
         'test': [
             'pytest==9.2.0', 'torch==2.13.0', 'transformers>=4.50,<6',
             'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29', 'matplotlib>=3.8',
-            'openai>=1.40', 'httpx>=0.27',
+            'openai>=1.40', 'httpx>=0.27', 'aiohttp>=3.9',
         ],
         # lm-evaluation-harness adapter (model name `illada_jax`).
         'eval': ['lm-eval[api]>=0.4.5,<0.5'],
         # libtpu as pinned by jax[tpu]==0.10.2: compile-only TPU checks on CPU.
         'tpu': ['jax[tpu]==0.10.2'],
         # illada-serve: the OpenAI-compatible server (the openai client is in `test`).
-        'serve': ['fastapi>=0.110', 'uvicorn>=0.29', 'pydantic>=2.5', 'prometheus_client>=0.20'],
+        'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29', 'pydantic>=2.5', 'prometheus_client>=0.20'],
     },
     entry_points={
         'console_scripts': [

@@ -134,18 +134,19 @@ def stop_server(proc) -> None:
     proc.wait()
 
 
-async def one_request(client, url: str, model: str, prompt: str) -> Result:
+async def one_request(session, url: str, model: str, prompt: str) -> Result:
   """A streamed greedy completion; its text is the concatenated deltas."""
   r, parts = Result(), []
   body = {'model': model, 'prompt': prompt, 'temperature': 0, 'stream': True,
           'stream_options': {'include_usage': True}}
   start = time.perf_counter()
   try:
-    async with client.stream('POST', url, json=body) as resp:
-      if resp.status_code != 200:
-        r.error = f'HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}'
+    async with session.post(url, json=body) as resp:
+      if resp.status != 200:
+        r.error = f'HTTP {resp.status}: {(await resp.text())[:200]}'
         return r
-      async for line in resp.aiter_lines():
+      async for raw in resp.content:  # one SSE line at a time
+        line = raw.decode().strip()
         if not line.startswith('data: ') or line == 'data: [DONE]':
           continue
         chunk = json.loads(line[6:])
@@ -169,19 +170,24 @@ async def one_request(client, url: str, model: str, prompt: str) -> Result:
 async def replay(port: int, model: str, prompts: list[str], arrivals: list[float] | None,
                  sequential: bool = False) -> tuple[list[Result], float]:
   """Sends every prompt: at `arrivals` (seconds from the start), all at once (None), or
-  one after another (`sequential`). Returns (results in prompt order, wall seconds)."""
-  import httpx
+  one after another (`sequential`). Returns (results in prompt order, wall seconds).
+
+  The client is aiohttp (C HTTP parser), as vLLM's benchmark_serving: clients share
+  the server's cores here, and httpx's pure-Python streaming took more CPU than the server.
+  """
+  import aiohttp
   url = f'http://127.0.0.1:{port}/v1/completions'
-  limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts))
-  async with httpx.AsyncClient(timeout=httpx.Timeout(600.), limits=limits) as client:
+  connector = aiohttp.TCPConnector(limit=0)  # one connection per request in flight
+  async with aiohttp.ClientSession(connector=connector,
+                                   timeout=aiohttp.ClientTimeout(total=600.)) as session:
     start = time.perf_counter()
     if sequential:
-      out = [await one_request(client, url, model, p) for p in prompts]
+      out = [await one_request(session, url, model, p) for p in prompts]
       return out, time.perf_counter() - start
 
     async def at(t, p):
       await asyncio.sleep(max(0., start + t - time.perf_counter()))
-      return await one_request(client, url, model, p)
+      return await one_request(session, url, model, p)
     times = arrivals or [0.] * len(prompts)
     out = await asyncio.gather(*(at(t, p) for t, p in zip(times, prompts)))
     return list(out), time.perf_counter() - start
