@@ -172,7 +172,7 @@ BAD = [  # (route, body, status, param)
      'temperature'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'n': 0}, 400, 'n'),
     ('/v1/completions', {'model': 'other', 'prompt': 'w1'}, 404, 'model'),
-    ('/v1/completions', {'prompt': 'w1'}, 400, 'model'),
+    ('/v1/completions', {'model': 5, 'prompt': 'w1'}, 400, 'model'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'logprobs': 2}, 400, 'logprobs'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'top_p': 0.5}, 400, 'top_p'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'best_of': 3}, 400, 'best_of'),
@@ -219,6 +219,10 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_change_nothing(server, case
     ok = http.post('/v1/completions', headers=auth, json={
         'model': 'model', 'prompt': records[0]['prompt'], 'temperature': 0})
     assert ok.json()['choices'][0]['text'] == answers[0]['completion']
+    unnamed = http.post('/v1/completions', headers=auth, json={  # no model: the served one
+        'prompt': records[0]['prompt'], 'temperature': 0})
+    assert unnamed.json()['choices'][0]['text'] == answers[0]['completion']
+    assert unnamed.json()['model'] == 'model'
     assert http.get('/health').json() == {'status': 'ok'}
 
 

@@ -64,8 +64,8 @@ class RequestManager:
     self.options = eng.options_for(settings.options)
 
   # -- building engine requests --------------------------------------------------------
-  def check_model(self, name: str) -> None:
-    if name != self.settings.model_name:
+  def check_model(self, name: str | None) -> None:
+    if name is not None and name != self.settings.model_name:
       raise ServeError(404, f'model {name!r} does not exist; this server serves '
                        f'{self.settings.model_name!r}', 'model', 'not_found_error')
 

@@ -36,7 +36,7 @@ class _Common(BaseModel):
   `"max_tokens": true` are 400s, not coerced."""
   model_config = ConfigDict(extra='ignore', strict=True)
 
-  model: str
+  model: str | None = None  # None: the served model (as vLLM)
   temperature: float | None = Field(None, ge=0, le=100)
   seed: int | None = Field(None, ge=0, lt=2 ** 32)  # the request's random stream
   stop: str | list[str] | None = Field(None, max_length=64)
@@ -140,7 +140,7 @@ class ScoreRequest(BaseModel):
   """
   model_config = ConfigDict(extra='forbid', strict=True)
 
-  model: str
+  model: str | None = None  # None: the served model (as vLLM)
   context: str
   continuations: list[str] = Field(min_length=1, max_length=64)
   method: Literal['mc', 'confidence'] | None = None
