@@ -3,8 +3,10 @@ raw HTTP (httpx) and lm-evaluation-harness; answers checked against `illada-samp
 
 import asyncio
 import json
+import os
 import signal
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -325,6 +327,30 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(server, cases):
   assert proc.wait(timeout=60) == 0
   with pytest.raises(openai.APIConnectionError):
     _create(client, records[0])
+
+
+def test_a_second_ctrl_c_ends_what_is_in_flight_with_an_error_chunk_and_exits_0(ckpt):
+  """The first SIGINT drains; the second stops the scheduler after its block: the stream still
+  running gets an error chunk and [DONE], nothing logs a traceback, the exit status is 0."""
+  proc, url = start_server(ckpt[0], *FLAGS, '--slots', '1', '--buckets', '16', '--grace', '600')
+  log = os.path.join(os.path.dirname(ckpt[0].rstrip('/')), f'serve-{url.rsplit(":", 1)[1]}.log')
+  try:
+    body = {'prompt': PROMPTS[0], 'n': 128, 'stream': True, 'temperature': 0}
+    with httpx.Client(base_url=url, timeout=120) as http, \
+        http.stream('POST', '/v1/completions', json=body) as r:
+      lines = (line for line in r.iter_lines() if line.startswith('data: '))
+      next(lines)
+      proc.send_signal(signal.SIGINT)
+      time.sleep(0.2)
+      proc.send_signal(signal.SIGINT)
+      rest = list(lines)
+    assert proc.wait(timeout=60) == 0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert rest[-1] == 'data: [DONE]' and '"error"' in rest[-2], rest[-3:]
+  assert 'Traceback' not in open(log).read()
 
 
 @pytest.mark.slow

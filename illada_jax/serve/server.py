@@ -3,9 +3,11 @@ finish within a grace period, stop the scheduler, and return (the process exits 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
+import time
 
 import uvicorn
 
@@ -30,6 +32,19 @@ class _Server(uvicorn.Server):
       self.force_exit = True  # a second Ctrl-C: stop waiting for requests
     self.should_exit = True
 
+  async def shutdown(self, sockets=None):
+    await super().shutdown(sockets)
+    if self.force_exit:
+      # After a second Ctrl-C uvicorn stops waiting and leaves the app's shutdown out; the
+      # tasks left would be cancelled at exit, each logging a CancelledError traceback. Instead
+      # the scheduler stops after its current block, so every request still in flight ends
+      # with its 503 body or error chunk at once, and the app's own shutdown runs.
+      await asyncio.to_thread(self._end_in_flight)
+      deadline = time.monotonic() + 2.
+      while self.server_state.tasks and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+      await self.lifespan.shutdown()
+
   @contextlib.contextmanager
   def capture_signals(self):
     if threading.current_thread() is not threading.main_thread():
@@ -40,11 +55,14 @@ class _Server(uvicorn.Server):
       yield
     finally:
       for s, handler in old.items():
-        signal.signal(s, handler)
+        # Stopped by a signal, the process is on its way out: another Ctrl-C would only
+        # interrupt its exit (a KeyboardInterrupt traceback from an atexit hook).
+        signal.signal(s, signal.SIG_IGN if self.should_exit else handler)
 
 
 def serve(app, host: str, port: int, grace: float = 30., log_level: str = 'info') -> None:
-  """Serves `app` (from `app.make_app`) until SIGINT / SIGTERM, then drains for `grace` s."""
+  """Serves `app` (from `app.make_app`) until SIGINT / SIGTERM, then drains for `grace` s (a
+  second SIGINT: at once). Returns with both signals ignored: the caller is exiting."""
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                           timeout_graceful_shutdown=grace, lifespan='on')
   end = lambda: app.state.manager.engine.stop(timeout=10)
