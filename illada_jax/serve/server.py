@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import threading
 import time
 
@@ -63,6 +64,10 @@ class _Server(uvicorn.Server):
 def serve(app, host: str, port: int, grace: float = 30., log_level: str = 'info') -> None:
   """Serves `app` (from `app.make_app`) until SIGINT / SIGTERM, then drains for `grace` s (a
   second SIGINT: at once). Returns with both signals ignored: the caller is exiting."""
+  # After each block the scheduler thread needs the GIL to hand out results and start the
+  # next block; with Python's default 5 ms switch interval it waits that long behind the
+  # event loop while the device idles (a 512-request saturation pass: 8% faster at 0.5 ms).
+  sys.setswitchinterval(5e-4)
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                           timeout_graceful_shutdown=grace, lifespan='on')
   end = lambda: app.state.manager.engine.stop(timeout=10)
