@@ -180,6 +180,11 @@ BAD = [  # (route, body, status, param)
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'best_of': 3}, 400, 'best_of'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'n': 100}, 400, 'n'),
     ('/v1/completions', {'model': 'model', 'prompt': []}, 400, 'prompt'),
+    ('/v1/completions', {'model': 'model', 'prompt': ''}, 400, 'prompt'),
+    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'stop': 5}, 400, 'stop'),
+    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'stop': ['w'] * 65}, 400, 'stop'),
+    ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'stream_options': {
+        'include_usage': 'yes'}}, 400, 'stream_options.include_usage'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'stream': 'yes'}, 400, 'stream'),
     ('/v1/completions', {'model': 'model', 'prompt': 'w1', 'max_tokens': True}, 400,
      'max_tokens'),
@@ -218,6 +223,7 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_change_nothing(server, case
     assert http.get('/openapi.json').status_code == 404
     big = {'model': 'model', 'prompt': 'w1 ' * 3_000_000}
     assert http.post('/v1/completions', json=big, headers=auth).status_code == 413
+    assert 'illada_http_errors_total{status="413"} 1.0' in http.get('/metrics').text
     ok = http.post('/v1/completions', headers=auth, json={
         'model': 'model', 'prompt': records[0]['prompt'], 'temperature': 0})
     assert ok.json()['choices'][0]['text'] == answers[0]['completion']
@@ -225,6 +231,9 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_change_nothing(server, case
         'prompt': records[0]['prompt'], 'temperature': 0})
     assert unnamed.json()['choices'][0]['text'] == answers[0]['completion']
     assert unnamed.json()['model'] == 'model'
+    long_stop = http.post('/v1/completions', headers=auth, json={  # one stop of 70 characters
+        'prompt': records[0]['prompt'], 'temperature': 0, 'stop': 'w' * 70, 'user': 'u'})
+    assert long_stop.json()['choices'][0]['text'] == answers[0]['completion']
     assert http.get('/health').json() == {'status': 'ok'}
 
 
@@ -244,7 +253,8 @@ def test_scores_equal_illada_score(server, ckpt, tmp_path):
                     headers={'Authorization': f'Bearer {KEY}'}) as http:
     for method in ('mc', 'confidence'):
       got = http.post('/v1/score', json={'model': 'model', 'context': 'w1 w2', 'seed': 7,
-                                         'method': method, 'continuations': ['w3', 'w4 w5']})
+                                         'method': method, 'continuations': ['w3', 'w4 w5'],
+                                         'user': 'u'})  # an extra field: ignored
       got = got.json()
       np.testing.assert_allclose([d['score'] for d in got['data']], want[method]['scores'],
                                  rtol=1e-5)
@@ -412,6 +422,17 @@ def test_serve_flags_are_checked_in_one_line_before_the_model_loads(argv, flag, 
   assert serve_cli.main(args) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('illada-serve: ') and flag in err[0], err
+
+
+def test_serve_settings_default_as_illada_sample_does():
+  """No server-only defaults: `--gen-length 24` alone is blocks of 24, as its help says."""
+  from illada_jax.cli import _common, sample as sample_cli, serve as serve_cli
+  from illada_jax.configs.sampling import PRESETS
+  argv = ['--ckpt', 'c', '--gen-length', '24']
+  served, _ = serve_cli.settings_from(serve_cli.build_parser().parse_args(argv))
+  sampled = _common.options_from(sample_cli.build_parser().parse_args(argv), SamplingOptions,
+                                 PRESETS)
+  assert served == sampled == SamplingOptions(gen_length=24)
 
 
 def test_quantize_int8_reaches_the_served_model(ckpt, monkeypatch):

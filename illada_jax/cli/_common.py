@@ -35,12 +35,13 @@ def quiet_platforms(env=os.environ, patterns=ACCELERATOR_DEVICES) -> None:
         jax.config.update('jax_platforms', 'cpu')
 
 
-def guarded(prog: str, main, argv=None) -> int:
+def guarded(prog: str, main, argv=None, resumable: bool = True) -> int:
   """Runs `main(argv)`: a user mistake (`UsageError`, and the libraries' bad-input errors
   `JobError`, `ConversionError`) becomes one line on stderr and exit 2; an interrupt
   (SIGINT, or SIGTERM raised as one) one line and exit 130 / 143; other errors keep their
-  traceback. With several processes, a failure is reported to the others and the process
-  leaves at once (`illada_jax.multiprocess`)."""
+  traceback (`resumable`: the interrupt line says that finished work is kept). With several
+  processes, a failure is reported to the others and the process leaves at once
+  (`illada_jax.multiprocess`)."""
   from illada_jax import multiprocess
   from illada_jax.jobs import JobError
   from illada_jax.checkpoint.errors import ConversionError
@@ -61,8 +62,8 @@ def guarded(prog: str, main, argv=None) -> int:
   except KeyboardInterrupt as e:
     name, signum = (e.name, e.signum) if isinstance(e, Interrupted) else ('SIGINT', 2)
     reason = f'stopped by {name}'
-    print(f'{prog}: {reason}; what was finished is kept (rerun to resume)', file=sys.stderr,
-          flush=True)
+    kept = '; what was finished is kept (rerun to resume)' if resumable else ''
+    print(f'{prog}: {reason}{kept}', file=sys.stderr, flush=True)
     code = 128 + signum
   except BaseException as e:  # an internal error: its traceback, and the other processes told
     if not multiprocess.active() or isinstance(e, SystemExit):

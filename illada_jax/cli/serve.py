@@ -60,8 +60,8 @@ def settings_from(args: argparse.Namespace):
   from illada_jax import sampling, scoring
   from illada_jax.configs.sampling import PRESETS
   from illada_jax.configs.scoring import PRESETS as SCORE_PRESETS
-  options = _common.options_from(args, sampling.SamplingOptions, PRESETS,
-                                 gen_length=128, block_length=32)
+  # The defaults of `SamplingOptions`, as illada-sample has them (and its help says).
+  options = _common.options_from(args, sampling.SamplingOptions, PRESETS)
   if args.score_preset is not None and args.score_preset not in SCORE_PRESETS:
     raise UsageError(f'--score-preset {args.score_preset!r}: have {sorted(SCORE_PRESETS)}')
   scoring_opts = SCORE_PRESETS[args.score_preset] if args.score_preset else scoring.ScoringOptions()
@@ -77,7 +77,7 @@ def settings_from(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-  return _common.guarded('illada-serve', _main, argv)
+  return _common.guarded('illada-serve', _main, argv, resumable=False)  # a server keeps nothing
 
 
 def _check_port(host: str, port: int) -> None:

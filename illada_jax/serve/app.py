@@ -29,6 +29,7 @@ from illada_jax.serve.manager import FINISH_REASONS, ClientGone, RequestManager,
 from illada_jax.serve.metrics import CONTENT_TYPE_LATEST
 
 MAX_BODY_BYTES = 4 * 2 ** 20
+_UNION_TAGS = {'str', 'int', 'float', 'bool', 'dict', 'list', 'none'}
 
 
 def _error(status: int, message: str, param=None, kind='invalid_request_error', headers=None):
@@ -40,14 +41,19 @@ class _BodyLimit:
   """Refuses (413) a request body over `limit` bytes: by its Content-Length before reading it,
   or, sent without one, as soon as what arrived passes the limit."""
 
-  def __init__(self, app, limit: int):
-    self.app, self.limit = app, limit
+  def __init__(self, app, limit: int, on_refused=None):
+    self.app, self.limit, self.on_refused = app, limit, on_refused
 
   async def __call__(self, scope, receive, send):
     if scope['type'] != 'http':
       return await self.app(scope, receive, send)
-    too_large = _error(413, f'request body over the limit of {self.limit} bytes',
-                       kind='request_too_large')
+
+    async def too_large(scope, receive, send):
+      if self.on_refused is not None:
+        self.on_refused(413)
+      response = _error(413, f'request body over the limit of {self.limit} bytes',
+                        kind='request_too_large')
+      return await response(scope, receive, send)
     length = dict(scope['headers']).get(b'content-length')
     if length is not None:
       if length.isdigit() and int(length) > self.limit:
@@ -118,9 +124,7 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
 
   @app.exception_handler(RequestValidationError)
   async def _invalid(request, e: RequestValidationError):
-    first = e.errors()[0] if e.errors() else {}
-    loc = [str(x) for x in first.get('loc', ()) if x != 'body']
-    param = '.'.join(loc) or None
+    first, param = _first_error(e.errors())
     if first.get('type') == 'json_invalid':
       message, param = f'the body is not valid JSON ({first.get("ctx", {}).get("error", "")})', None
     else:
@@ -184,13 +188,35 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
             'usage': {'prompt_tokens': tokens, 'total_tokens': tokens}}
 
   if max_body:
-    app.add_middleware(_BodyLimit, limit=max_body)
+    app.add_middleware(_BodyLimit, limit=max_body,
+                       on_refused=lambda status: manager.metrics.errors.labels(str(status)).inc())
   return app
 
 
 def _usage(job, completions_tokens: int) -> dict:
   return {'prompt_tokens': job.prompt_tokens, 'completion_tokens': completions_tokens,
           'total_tokens': job.prompt_tokens + completions_tokens}
+
+
+def _first_error(errors: list[dict]) -> tuple[dict, str | None]:
+  """(the error to report, the field it names). pydantic names the member of a union it
+  tried (`stop.str`, `prompt.list[int].1`): the field is what comes before it, and the
+  error reported is the one of the member the value's type matches (a list of 65 stop
+  strings is too long, not 'a valid string')."""
+  def split(err):
+    loc = [str(x) for x in err.get('loc', ()) if x != 'body']
+    cut = next((i for i, x in enumerate(loc) if x in _UNION_TAGS or '[' in x), len(loc))
+    return '.'.join(loc[:cut]) or None, (loc[cut] if cut < len(loc) else None)
+  if not errors:
+    return {}, None
+  param, _ = split(errors[0])
+  value = errors[0].get('input')
+  for err in errors:
+    p, member = split(err)
+    if p == param and member is not None and len(err.get('loc', ())) == len(errors[0]['loc']):
+      if member.startswith('list') == isinstance(value, list):
+        return err, param
+  return errors[0], param
 
 
 async def _respond(manager: RequestManager, body, job, request: Request, chat: bool):

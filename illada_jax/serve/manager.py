@@ -84,6 +84,8 @@ class RequestManager:
       raise ServeError(400, 'empty prompt list', 'prompt')
     for p in body.prompts():
       if isinstance(p, str):
+        if not p:  # would be the BOS alone
+          raise ServeError(400, 'empty prompt', 'prompt')
         ids = self.fmt.encode(self.tok, self.engine.cfg, p)
       else:
         bad = [t for t in p if not 0 <= t < self.engine.cfg.vocab_size]

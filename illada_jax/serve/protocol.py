@@ -10,12 +10,14 @@ OpenAI clients send extras (`user`, `metadata`) that change nothing here.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class StreamOptions(BaseModel):
+  model_config = ConfigDict(extra='ignore', strict=True)
+
   include_usage: bool = False
 
 
@@ -39,7 +41,7 @@ class _Common(BaseModel):
   model: str | None = None  # None: the served model (as vLLM)
   temperature: float | None = Field(None, ge=0, le=100)
   seed: int | None = Field(None, ge=0, lt=2 ** 32)  # the request's random stream
-  stop: str | list[str] | None = Field(None, max_length=64)
+  stop: str | Annotated[list[str], Field(max_length=64)] | None = None  # at most 64 strings
   n: int = Field(1, ge=1, le=128)
   stream: bool = False
   stream_options: StreamOptions | None = None
@@ -138,7 +140,7 @@ class ScoreRequest(BaseModel):
   multiple-choice score); default: the server's scoring settings. `seed`
   seeds the MC draws (continuation j uses seed + j).
   """
-  model_config = ConfigDict(extra='forbid', strict=True)
+  model_config = ConfigDict(extra='ignore', strict=True)
 
   model: str | None = None  # None: the served model (as vLLM)
   context: str
