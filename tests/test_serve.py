@@ -430,8 +430,8 @@ def test_serve_settings_default_as_illada_sample_does():
   from illada_jax.configs.sampling import PRESETS
   argv = ['--ckpt', 'c', '--gen-length', '24']
   served, _ = serve_cli.settings_from(serve_cli.build_parser().parse_args(argv))
-  sampled = _common.options_from(sample_cli.build_parser().parse_args(argv), SamplingOptions,
-                                 PRESETS)
+  sampled = _common.options_from(sample_cli.build_parser().parse_args(argv + ['--prompt', 'x']),
+                                 SamplingOptions, PRESETS)
   assert served == sampled == SamplingOptions(gen_length=24)
 
 
