@@ -360,6 +360,7 @@ def test_a_second_ctrl_c_ends_what_is_in_flight_with_an_error_chunk_and_exits_0(
       proc.kill()
       proc.wait()
   assert rest[-1] == 'data: [DONE]' and '"error"' in rest[-2], rest[-3:]
+  assert set(json.loads(rest[-2][6:])['error']) == {'message', 'type', 'param', 'code'}
   assert 'Traceback' not in open(log).read()
 
 

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="the `model` clients name (default: the checkpoint directory's name)")
   p.add_argument('--slots', type=int, default=64,
                  help='requests denoised at once (default: %(default)s)')
-  p.add_argument('--buckets', default=None, help='prompt-length buckets, e.g. 64,256,1024')
+  p.add_argument('--buckets', default=None, help='prompt-length buckets, e.g. 64,256,1024 '
+                 '(default: powers of two from 16, and the model\'s max_len)')
   p.add_argument('--mesh', default=None, help='e.g. fsdp=4,tensor=2 (local devices)')
   p.add_argument('--max-queue', type=int, default=1024,
                  help='waiting requests before 429 (default: %(default)s)')

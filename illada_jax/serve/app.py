@@ -279,7 +279,9 @@ async def _sse(stream, job, rid, created, model, chat, include_usage):
     if isinstance(e, asyncio.CancelledError):
       raise
     kind = e.kind if isinstance(e, ServeError) else 'server_error'
-    yield f'data: {json.dumps({"error": {"message": str(e), "type": kind}})}\n\n'
+    param = e.param if isinstance(e, ServeError) else None
+    error = {'message': str(e), 'type': kind, 'param': param, 'code': None}  # as a 4xx/5xx body
+    yield f'data: {json.dumps({"error": error})}\n\n'
     yield 'data: [DONE]\n\n'
   finally:
     await stream.aclose()
