@@ -42,7 +42,8 @@ setup(
         # libtpu as pinned by jax[tpu]==0.10.2: compile-only TPU checks on CPU.
         'tpu': ['jax[tpu]==0.10.2'],
         # illada-serve: the OpenAI-compatible server (the openai client is in `test`).
-        'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29', 'pydantic>=2.5', 'prometheus_client>=0.20'],
+        'serve': ['fastapi>=0.110', 'uvicorn[standard]>=0.29', 'pydantic>=2.5',
+                  'prometheus_client>=0.20'],
     },
     entry_points={
         'console_scripts': [

@@ -154,9 +154,8 @@ def apart(what: str, dst: str, inputs: dict[str, str]) -> None:
   `inputs` maps a name for the message (a flag) to its path.
   """
   for name, src in inputs.items():
-    how = util.overlap(src, dst) if src else None
-    if how is not None:
-      why = f'is the {name}' if how == 'is' else f'{how} the {name} {src}'
+    why = util.overlap(src, dst, name) if src else None
+    if why is not None:
       raise UsageError(f'{what} {dst}: the destination {why}; write it elsewhere')
 
 

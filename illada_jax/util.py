@@ -21,12 +21,14 @@ def user_tmp(name: str) -> str:
   return os.path.join(tempfile.gettempdir(), f'{name}-{user}')
 
 
-def overlap(src: str, dst: str) -> str | None:
-  """How destination `dst` overlaps input `src`, by real paths (a symlink or `..` cannot hide
-  it): 'is', 'is inside' or 'contains'; None when they are apart."""
+def overlap(src: str, dst: str, name: str, shown: str | None = None) -> str | None:
+  """How destination `dst` overlaps input `src` (called `name`), by real paths (a symlink or
+  `..` cannot hide it): 'is the NAME', 'is inside the NAME SHOWN' or 'contains the NAME
+  SHOWN' (`shown`: how to print `src`, default as given); None when they are apart."""
   import os
   s, d = os.path.realpath(src), os.path.realpath(dst)
   if s == d:
-    return 'is'
+    return f'is the {name}'
   common = os.path.commonpath([s, d])
-  return 'is inside' if common == s else 'contains' if common == d else None
+  how = 'is inside' if common == s else 'contains' if common == d else None
+  return None if how is None else f'{how} the {name} {src if shown is None else shown}'

@@ -27,10 +27,9 @@ def check_apart(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
   Real paths are compared, so a symlink or `..` cannot hide the overlap;
   with `--overwrite` the destination would otherwise replace the input.
   """
-  how = util.overlap(src_dir, dst_dir)
-  if how is None:
+  why = util.overlap(src_dir, dst_dir, what, shown=os.path.realpath(src_dir))
+  if why is None:
     return
-  why = f'is the {what}' if how == 'is' else f'{how} the {what} {os.path.realpath(src_dir)}'
   raise ConversionError(f'{dst_dir}: the destination {why}; write it elsewhere')
 
 

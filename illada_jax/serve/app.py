@@ -32,9 +32,13 @@ MAX_BODY_BYTES = 4 * 2 ** 20
 _UNION_TAGS = {'str', 'int', 'float', 'bool', 'dict', 'list', 'none'}
 
 
+def _error_body(message: str, kind: str, param=None) -> dict:
+  """OpenAI's error object, for a response body and for a stream's error chunk alike."""
+  return {'error': {'message': message, 'type': kind, 'param': param, 'code': None}}
+
+
 def _error(status: int, message: str, param=None, kind='invalid_request_error', headers=None):
-  body = {'error': {'message': message, 'type': kind, 'param': param, 'code': None}}
-  return JSONResponse(body, status_code=status, headers=headers)
+  return JSONResponse(_error_body(message, kind, param), status_code=status, headers=headers)
 
 
 class _BodyLimit:
@@ -280,8 +284,7 @@ async def _sse(stream, job, rid, created, model, chat, include_usage):
       raise
     kind = e.kind if isinstance(e, ServeError) else 'server_error'
     param = e.param if isinstance(e, ServeError) else None
-    error = {'message': str(e), 'type': kind, 'param': param, 'code': None}  # as a 4xx/5xx body
-    yield f'data: {json.dumps({"error": error})}\n\n'
+    yield f'data: {json.dumps(_error_body(str(e), kind, param))}\n\n'
     yield 'data: [DONE]\n\n'
   finally:
     await stream.aclose()
