@@ -39,6 +39,8 @@ def test_every_figure_is_printed_and_outputs_equal_the_offline_engine(tmp_path, 
       assert re.search(rf'^{re.escape(run)}: {figure} [\d.]+( s| req/s)? {want}$', out, re.M), (figure, out)
     assert re.search(rf'^{re.escape(run)}: output tokens/s \d+ \([\d.]+x \(a\), ', out, re.M)
   assert re.search(r'^\(a\) offline engine: 6 requests in ', out, re.M)
+  assert re.search(r'^saturation: output tokens/s ceiling set by that CPU: [\d.]+x \(a\)$', out,
+                   re.M)
   assert re.search(r'^\(b\) one request at a time: 2 requests in ', out, re.M)
   assert 'server exit status 0' in out
   assert 'errors: 0 of 20 requests' in out  # warm-up 6 + (b) 2 + saturation 6 + one rate 6
@@ -54,3 +56,13 @@ def test_latency_ratios_read_baseline_over_run():
   assert lines[1] == 'x: output tokens/s 40 (2.00x (a), 16.00x (b))'
   assert lines[2] == 'x: time to first block p50 0.250 s (2.00x (b))'
   assert lines[4] == 'x: end-to-end latency p50 0.500 s (2.00x (a), 4.00x (b))'
+
+
+def test_the_cpu_ceiling_is_the_pass_cpu_spread_over_every_core():
+  # 6 CPU-s on 2 cores cannot take less than 3 s; (a) took 2 s, so at best 2/3 of its speed.
+  lines = bench_serve.cpu_lines('x', 4., 5., 1., 2., 3.5, 2)
+  assert lines == ['x: CPU 5.00 s server + 1.00 s client = 6.00 s ((a): 3.50 s); on 2 cores no '
+                   'pass using it takes less than 3.000 s, this one took 4.000 s (75% of that '
+                   'speed)', 'x: output tokens/s ceiling set by that CPU: 0.67x (a)']
+  assert bench_serve.cpu_lines('x', 4., None, 1., 2., 3.5, 2) == []
+  assert bench_serve.process_cpu(os.getpid()) > 0

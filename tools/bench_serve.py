@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import socket
@@ -72,6 +73,36 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def process_cpu(pid: int) -> float | None:
+  """CPU seconds (user + system) a process has used, from /proc; None where there is none."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+  except OSError:
+    return None
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def cpu_lines(name: str, f_seconds: float, server_cpu: float | None, client_cpu: float,
+              a_seconds: float, a_cpu: float, n_cores: int) -> list[str]:
+  """The CPU a server run took and the ceiling it puts on the run where the server, its
+  clients and the model share the host's cores (CPU backends): the pass cannot be shorter
+  than (server + client CPU) / cores, so its output tokens/s cannot exceed (a)'s by more
+  than (a)'s seconds over that. On an accelerator the model's work leaves the host."""
+  if server_cpu is None:
+    return []
+  total = server_cpu + client_cpu
+  floor = total / n_cores
+  return [f'{name}: CPU {server_cpu:.2f} s server + {client_cpu:.2f} s client = {total:.2f} s '
+          f'((a): {a_cpu:.2f} s); on {n_cores} cores no pass using it takes less than '
+          f'{floor:.3f} s, this one took {f_seconds:.3f} s ({floor / f_seconds:.0%} of that speed)',
+          f'{name}: output tokens/s ceiling set by that CPU: {a_seconds / floor:.2f}x (a)']
+
+
 def percentile(xs, q) -> float:
   return float(np.percentile(np.asarray(xs, float), q)) if xs else float('nan')
 
@@ -92,14 +123,15 @@ def offline(ckpt: str, server_argv: list[str], prompts: list[str]):
   reqs = [engine.Request(i, tuple(fmt.encode(tok, cfg, p)), options) for i, p in enumerate(prompts)]
   list(eng.generate(reqs))  # compiles every program the run needs
   eng.stats = engine.EngineStats(compiles=eng.stats.compiles)
+  cpu0 = time.process_time()
   start, done, latency = time.perf_counter(), {}, {}
   for c in eng.generate(reqs):
     latency[c.id] = time.perf_counter() - start
     done[c.id] = c
-  seconds = time.perf_counter() - start
+  seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
   texts = [done[i].text for i in range(len(reqs))]
   return (seconds, texts, sum(len(c.token_ids) for c in done.values()),
-          [latency[i] for i in range(len(reqs))], eng.stats.host_share)
+          [latency[i] for i in range(len(reqs))], eng.stats.host_share, cpu)
 
 
 # -- the server and its clients ------------------------------------------------------------------
@@ -303,12 +335,17 @@ def main(argv=None) -> int:
 
   print(f'# {n} requests, server flags: {" ".join(server_argv)}; checkpoint {ckpt}; '
         f'load average {os.getloadavg()[0]:.1f}', flush=True)
-  secs, want, tokens, lat, host = offline(ckpt, server_argv, prompts)
+  secs, want, tokens, lat, host, a_cpu = offline(ckpt, server_argv, prompts)
   a = Figures(n, secs, tokens, [], lat)
   print(f'(a) offline engine: {n} requests in {secs:.3f} s, {a.rps:.2f} req/s, output tokens/s '
         f'{a.tps:.0f}, end-to-end latency p50 {percentile(lat, 50):.3f} s p99 '
-        f'{percentile(lat, 99):.3f} s, host share {host:.1%}', flush=True)
+        f'{percentile(lat, 99):.3f} s, host share {host:.1%}, CPU {a_cpu:.2f} s on {cores()} '
+        f'cores', flush=True)
 
+  # The client shares the server's cores: keep (a)'s heap (jax, the engine) out of its
+  # full collections, as the server keeps its own (`serve.app`).
+  gc.collect()
+  gc.freeze()
   port = free_port()
   log_path = os.path.join(args.workdir, f'bench_serve_server_{port}.log')
   os.makedirs(args.workdir, exist_ok=True)
@@ -317,12 +354,16 @@ def main(argv=None) -> int:
   print(f'# server ready on 127.0.0.1:{port} after {time.perf_counter() - t0:.1f} s '
         f'(load, compile); log {log_path}', flush=True)
   model = os.path.basename(os.path.normpath(ckpt))
-  errors, unequal, total = 0, 0, 0
+  errors, unequal, total, cpu = 0, 0, 0, {}
   try:
     def run(name, arrivals=None, sequential=False, subset=None):
       nonlocal errors, unequal, total
       ps = prompts if subset is None else prompts[:subset]
+      server0, client0 = process_cpu(proc.pid), time.process_time()
       results, wall = asyncio.run(replay(port, model, ps, arrivals, sequential))
+      server1, client1 = process_cpu(proc.pid), time.process_time()
+      cpu[name] = (None if server0 is None or server1 is None else server1 - server0,
+                   client1 - client0)
       total += len(results)
       bad = [r.error for r in results if r.error is not None]
       errors += len(bad)
@@ -343,7 +384,8 @@ def main(argv=None) -> int:
           f'p99 {percentile(b.first, 99):.3f} s, end-to-end latency p50 '
           f'{percentile(b.latency, 50):.3f} s p99 {percentile(b.latency, 99):.3f} s', flush=True)
     sat = run('saturation')
-    for line in lines_for('saturation', sat, a, b):
+    for line in lines_for('saturation', sat, a, b) + cpu_lines(
+        'saturation', sat.seconds, *cpu['saturation'], secs, a_cpu, cores()):
       print(line, flush=True)
     for k, rate in enumerate(rates or [f * sat.rps for f in (0.25, 0.5, 0.75)]):
       name = f'Poisson {rate:.2f} req/s'
