@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from illada_jax import jobs
+from illada_jax import job_requests, jobs
 from illada_jax.sampling import SamplingOptions
 
 from helpers import read_jsonl, word_checkpoint, write_jsonl
@@ -125,7 +125,7 @@ def _generation(tmp_path, rows, **kw):
   """Runs `generation_requests`' prepare on `rows` over a stand-in engine: (requests, out)."""
   engine = types.SimpleNamespace(cfg=None, options_for=lambda o: o, check=lambda req: None)
   fmt = types.SimpleNamespace(encode=lambda tok, cfg, prompt, chat: [len(str(prompt))])
-  prepare, _ = jobs.generation_requests(engine, None, fmt, SamplingOptions(), **kw)
+  prepare, _ = job_requests.generation_requests(engine, None, fmt, SamplingOptions(), **kw)
 
   def execute(items):
     for req, echo in items:
@@ -404,7 +404,8 @@ def test_ctrl_c_or_sigterm_stops_a_job_after_flushing_and_a_rerun_finishes_it(tm
 def test_a_score_answer_outside_the_choices_is_an_error_of_its_record(tmp_path):
   from illada_jax.prompts import PromptFormat
   from illada_jax.scoring import ScoringOptions
-  prepare, _ = jobs.scoring_requests(None, None, PromptFormat(), ScoringOptions(add_bos=False))
+  prepare, _ = job_requests.scoring_requests(None, None, PromptFormat(),
+                                             ScoringOptions(add_bos=False))
   for answer in (3, -1, '0', 1.0, True):
     rec = jobs.Record('in.jsonl:1', 1, {'context': 'c', 'choices': ['a', 'b', 'c'],
                                         'answer': answer})

@@ -99,7 +99,7 @@ def _main(argv) -> int:
   args = build_parser().parse_args(argv)
   _common.init_distributed(args)
   import jax
-  from illada_jax import jobs, prompts, sampling, usage
+  from illada_jax import job_requests, jobs, prompts, sampling, usage
   from illada_jax.configs.sampling import PRESETS
   options = _common.options_from(args, sampling.SamplingOptions, PRESETS)
   cfg = _common.check_engine_args(args, '--prompts', args.prompts)
@@ -115,7 +115,7 @@ def _main(argv) -> int:
   if args.out and not args.restart:  # another checkpoint or setting: refused before loading
     jobs.check_producer(args.out, producer)
   eng, tok, fmt = _common.open_engine(args, 'illada-sample')
-  prepare, execute = jobs.generation_requests(
+  prepare, execute = job_requests.generation_requests(
       eng, tok, fmt, options, chat=args.chat, stop=tuple(args.stop),
       max_new_tokens=args.max_new_tokens, seed=args.seed)
   with tempfile.TemporaryDirectory() as tmp:

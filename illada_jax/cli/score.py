@@ -71,7 +71,7 @@ def _main(argv) -> int:
   args = build_parser().parse_args(argv)
   _common.init_distributed(args)
   import jax
-  from illada_jax import jobs, scoring
+  from illada_jax import job_requests, jobs, scoring
   from illada_jax.configs.scoring import PRESETS
   options = _common.options_from(args, scoring.ScoringOptions, PRESETS)
   _common.check_engine_args(args, '--input', args.input)
@@ -82,7 +82,7 @@ def _main(argv) -> int:
   if args.out and not args.restart:  # another checkpoint or setting: refused before loading
     jobs.check_producer(args.out, producer)
   eng, tok, fmt = _common.open_engine(args, 'illada-score')
-  prepare, execute = jobs.scoring_requests(eng, tok, fmt, options, seed=args.seed)
+  prepare, execute = job_requests.scoring_requests(eng, tok, fmt, options, seed=args.seed)
   with tempfile.TemporaryDirectory() as tmp:
     out = args.out or os.path.join(tmp, 'out.jsonl')
     summary = jobs.run(records, out, prepare, execute, on_error=args.on_error,
