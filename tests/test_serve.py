@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-from illada_jax import engine, jobs, prompts, scoring
+from illada_jax import engine, job_requests, jobs, prompts, scoring
 from illada_jax.sampling import SamplingOptions
 
 from helpers import WORD_CFG, start_server, word_checkpoint
@@ -44,7 +44,7 @@ def _offline(path, params, records, chat=False):
   """What `illada-sample` writes for `records`: its job's own request builder on an engine."""
   tok, fmt = prompts.load_tokenizer(path), prompts.PromptFormat.from_checkpoint(path)
   eng = engine.Engine(WORD_CFG, params, tokenizer=tok, slots=4, buckets=(16, 48))
-  prepare, execute = jobs.generation_requests(eng, tok, fmt, OPTIONS, chat=chat)
+  prepare, execute = job_requests.generation_requests(eng, tok, fmt, OPTIONS, chat=chat)
   items = [prepare(jobs.Record(f'r{i}', i, r)) for i, r in enumerate(records)]
   return {rid: out for rid, out, _, _ in execute(items)}
 
@@ -199,6 +199,18 @@ BAD = [  # (route, body, status, param)
                               'max_completion_tokens': 99}, 400, 'max_completion_tokens'),
     ('/v1/score', {'model': 'model', 'context': 'w1', 'continuations': ['']}, 400,
      'continuations'),
+    ('/v1/score', {'context': ' '.join(['w1'] * 70), 'continuations': ['w2']}, 400, 'context'),
+    ('/v1/score', {'context': 'w1', 'continuations': ['w2', ' '.join(['w1'] * 70)]}, 400,
+     'continuations'),
+]
+# The messages a user reads, where a shorter one would not say what to change.
+MESSAGES = [  # (body, headers, words the message has)
+    ('{"prompt": "w1", "temperature": NaN}', {'Content-Type': 'application/json'},
+     'temperature: Input should be a finite number'),
+    ('{"prompt": "w1"}', {'Content-Type': 'text/plain'},
+     'the body must be a JSON object sent with Content-Type: application/json (this one: '
+     'text/plain)'),
+    ('["w1"]', {'Content-Type': 'application/json'}, 'the body must be a JSON object'),
 ]
 
 
@@ -214,6 +226,9 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_change_nothing(server, case
       assert r.status_code == status, (body, r.text)
       err = r.json()['error']
       assert err['param'] == param and err['message'], (body, err)
+    for body, headers, words in MESSAGES:
+      r = http.post('/v1/completions', content=body, headers={**auth, **headers})
+      assert r.status_code == 400 and r.json()['error']['message'] == words, r.text
     assert http.post('/v1/completions', json={'model': 'model', 'prompt': 'w1'}).status_code == 401
     assert http.post('/v1/completions', json={'model': 'model', 'prompt': 'w1'},
                      headers={'Authorization': 'Bearer wrong'}).status_code == 401

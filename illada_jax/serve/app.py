@@ -138,6 +138,13 @@ def make_app(manager: RequestManager, *, api_key: str | None = None,
     first, param = _first_error(e.errors())
     if first.get('type') == 'json_invalid':
       message, param = f'the body is not valid JSON ({first.get("ctx", {}).get("error", "")})', None
+    elif param is None and first.get('type') in ('model_attributes_type', 'dict_type'):
+      # FastAPI parses a body as JSON only when its Content-Type says so (curl -d sends
+      # application/x-www-form-urlencoded unless told otherwise).
+      kind = request.headers.get('content-type')
+      message = ('the body must be a JSON object' if kind and 'json' in kind.lower() else
+                 f'the body must be a JSON object sent with Content-Type: application/json '
+                 f'(this one: {kind or "none"})')
     else:
       message = f'{param or "body"}: {first.get("msg", "invalid")}'
     return refused(ServeError(400, message, param))

@@ -213,6 +213,14 @@ class RequestManager:
     return iterate()
 
   # -- scoring ---------------------------------------------------------------------------
+  def _too_long(self, ctx: tuple, o: ScoringOptions) -> str | None:
+    """'context' if the context could not be scored with any continuation, else None."""
+    try:
+      self.engine.check_score(engine_lib.ScoreRequest(0, ctx, (self.engine.cfg.eos_token_id,), o, 0))
+    except ValueError:
+      return 'context'
+    return None
+
   async def score(self, body: protocol.ScoreRequest) -> tuple[list, int]:
     """(`Scored` per continuation, prompt tokens): encoded as `illada-score` encodes records
     (context and continuation separately; MC seeds `seed + j`)."""
@@ -230,7 +238,8 @@ class RequestManager:
       try:
         self.engine.check_score(req)
       except ValueError as e:
-        raise ServeError(400, f'continuation {j}: {e}', 'continuations') from None
+        raise ServeError(400, f'context ({len(ctx)} tokens) and continuation {j} ({len(cont)} '
+                         f'tokens): {e}', self._too_long(ctx, o) or 'continuations') from None
       reqs.append(req)
     scored = await asyncio.to_thread(lambda: list(self.engine.score(reqs)))
     by_id = {s.id: s for s in scored}

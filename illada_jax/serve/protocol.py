@@ -39,7 +39,7 @@ class _Common(BaseModel):
   model_config = ConfigDict(extra='ignore', strict=True)
 
   model: str | None = None  # None: the served model (as vLLM)
-  temperature: float | None = Field(None, ge=0, le=100)
+  temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
   seed: int | None = Field(None, ge=0, lt=2 ** 32)  # the request's random stream
   stop: str | Annotated[list[str], Field(max_length=64)] | None = None  # at most 64 strings
   n: int = Field(1, ge=1, le=128)
