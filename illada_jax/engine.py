@@ -87,12 +87,13 @@ class EngineStats:
   cancelled: int = 0
   output_tokens: int = 0  # tokens behind the returned texts
   generated_tokens: int = 0  # positions denoised for finished requests
-  wait_seconds: float = 0.  # host blocked on the device
+  wait_seconds: float = 0.  # from a block's dispatch to its results (work done meanwhile too)
   seconds: float = 0.  # wall time inside scheduler steps (idle waits of a server excluded)
 
   @property
   def host_share(self) -> float:
-    """Fraction of wall time the host spent outside device waits (dispatch, admission, stops)."""
+    """Fraction of wall time with no block on the device (admission, dispatch, finish checks):
+    the host work between blocks. Work done while a block computes is not counted."""
     return 1. - self.wait_seconds / self.seconds if self.seconds else 0.
 
 

@@ -3,8 +3,9 @@
 `Scheduler.step()` is one block boundary of the engine's pool: it drops
 cancelled requests, admits waiting ones into free slots (the pool starts at
 its smallest prompt bucket and is widened when the waiting requests no longer
-fit), runs the block program once, hands each request the text its new block
-committed, and releases finished requests. `Engine.generate` (jobs, lm-eval)
+fit), runs the block program once, releases the requests it finished, and,
+while the next block computes, hands each request the text its block committed
+(the device does not wait on decoding or on the consumers of the events). `Engine.generate` (jobs, lm-eval)
 calls `step()` in the caller's thread until its requests are done; a server
 calls `Engine.start()`, and a thread calls `step()` for as long as it runs.
 Either way there is one loop and one owner of the device.
@@ -91,6 +92,7 @@ class Scheduler:
     self._thread: threading.Thread | None = None
     self._stopping = False
     self._newest_admitted = -1  # the latest arrival (block count at submit) admitted so far
+    self._texts: list = []  # (live, finish reason or None, ids, text): see `_hand_out`
 
   # -- submission (any thread) ------------------------------------------------------
   def submit(self, handle: Handle) -> Handle:
@@ -162,6 +164,7 @@ class Scheduler:
             self._cond.wait(0.1)
 
   def _fail_all(self, error: BaseException) -> None:
+    self._hand_out()  # what finished before the error is still theirs
     with self._cond:
       handles = [h for g in self._groups.values() for q in g.values() for h in q]
       self._groups.clear()
@@ -178,18 +181,18 @@ class Scheduler:
   def step(self) -> bool:
     """Runs pending scoring, else one block of the pool; False when there was nothing to do."""
     if self._scores:
+      self._hand_out()
       self._run_scores(self._scores.popleft())
       return True
     start = time.perf_counter()
     try:
       with self._cond:
         pool = self._choose_pool()
-        if pool is None:
-          return False
-        self._release_cancelled(pool)
-        admitted = self._admit(pool)
-      if not any(pool.live):
-        return True
+        if pool is not None:
+          self._release_cancelled(pool)
+          admitted = self._admit(pool)
+      if pool is None or not any(pool.live):
+        return self._hand_out() or pool is not None
       self._run_block(pool, admitted)
       return True
     finally:
@@ -330,6 +333,9 @@ class Scheduler:
     inputs = eng.put((admit, prompt, mask, seeds, temps, limits, active))
     pool.canvas, block_BW, calls_B = program(eng.params, pool.canvas, *inputs)
     wait = time.perf_counter()
+    # While the device computes this block, the previous block's texts go out: decoding
+    # and handing them over (a server's stream chunks) keeps the device waiting no more.
+    self._hand_out()
     block_BW, calls_B = np.asarray(block_BW).tolist(), np.asarray(calls_B).tolist()
     now = time.perf_counter()
     eng.stats.wait_seconds += now - wait
@@ -339,50 +345,63 @@ class Scheduler:
         continue
       x.tokens.extend(block_BW[s])
       x.steps = calls_B[s]
-      h = x.handle
-      if h.first_block is None:
-        h.first_block = now
-      done, text = self._finish(x)
-      if done is not None:
+      if x.handle.first_block is None:
+        x.handle.first_block = now
+      reason, ids, text = self._verdict(x)
+      if reason is not None:  # its slot is free for the next block's admissions
         pool.live[s] = None
         eng.stats.requests += 1
-        eng.stats.output_tokens += len(done.token_ids)
-        eng.stats.generated_tokens += done.generated
-        h._emit(Event(done.text[len(h._sent):] if h.stream else '', completion=done))
-      elif h.stream and text is not None and not x.request.options.after_think:
-        safe = text[:len(text) - held_back(text, x.request.stop)]
-        if len(safe) > len(h._sent) and safe.startswith(h._sent):
-          delta, h._sent = safe[len(h._sent):], safe
-          h._emit(Event(delta))
+        eng.stats.output_tokens += len(ids)
+        eng.stats.generated_tokens += len(x.tokens)
+        self._texts.append((x, reason, ids, text))
+      elif x.handle.stream and not x.request.options.after_think:
+        self._texts.append((x, None, ids, text))
 
   # -- text and stops ------------------------------------------------------------------
-  def _finish(self, x: _Live) -> tuple[Completion | None, str | None]:
-    """(the completion if the request is done after its latest block, else None; the text so
-    far, decoded when it was needed)."""
+  def _verdict(self, x: _Live) -> tuple[str | None, list, str | None]:
+    """(the finish reason if the request is done after its latest block, else None; the ids
+    behind its text so far; that text where it had to be decoded: only stop strings need it
+    to tell whether the request is done)."""
     req, gen, eng = x.request, x.tokens, self.engine
     end = next((i for i, t in enumerate(gen) if t in eng.end_ids), None)
     ids = gen if end is None else gen[:end]
     limit = req.max_new_tokens
     if limit is not None:
       ids = ids[:limit]
-    text = eng.decode(ids) if (req.stop or x.handle.stream) else None
+    text = eng.decode(ids) if req.stop else None
     cut = None if not req.stop else prompts.cut_at_stops(text, req.stop)
     if cut is not None and len(cut) < len(text):
-      reason, text = 'stop', cut
-      ids = self._ids_behind(ids, text)
-    elif end is not None and (limit is None or end <= limit):
-      reason = 'eos'
-    elif ((limit is not None and len(gen) >= limit)
-          or len(gen) >= x.limit_blocks * req.options.block_length):
-      reason = 'length'
-    else:
-      return None, text
-    if text is None:
-      text = eng.decode(ids)
-    if req.options.after_think:
-      text = end_think.answer(text, req.options.end_think, eng.tokenizer)
-    return Completion(id=req.id, text=text, token_ids=list(ids), finish_reason=reason,
-                      generated=len(gen), steps=x.steps), text
+      return 'stop', self._ids_behind(ids, cut), cut
+    if end is not None and (limit is None or end <= limit):
+      return 'eos', list(ids), text
+    if ((limit is not None and len(gen) >= limit)
+        or len(gen) >= x.limit_blocks * req.options.block_length):
+      return 'length', list(ids), text
+    return None, list(ids), text
+
+  def _hand_out(self) -> bool:
+    """Emits what the last block's `_verdict`s left: each finished request's completion, and
+    each streamed request's new text (all of it but what `held_back` keeps). Runs while the
+    next block computes; a request that ended meanwhile (cancelled, failed) gets nothing
+    more. Returns whether there was anything."""
+    texts, self._texts = self._texts, []
+    for x, reason, ids, text in texts:
+      h, req = x.handle, x.request
+      if h.done:
+        continue
+      text = self.engine.decode(ids) if text is None else text
+      if reason is not None:
+        if req.options.after_think:
+          text = end_think.answer(text, req.options.end_think, self.engine.tokenizer)
+        done = Completion(id=req.id, text=text, token_ids=ids, finish_reason=reason,
+                          generated=len(x.tokens), steps=x.steps)
+        h._emit(Event(text[len(h._sent):] if h.stream else '', completion=done))
+        continue
+      safe = text[:len(text) - held_back(text, req.stop)]
+      if len(safe) > len(h._sent) and safe.startswith(h._sent):
+        delta, h._sent = safe[len(h._sent):], safe
+        h._emit(Event(delta))
+    return bool(texts)
 
   def _ids_behind(self, ids, text: str) -> list:
     """The shortest prefix of `ids` whose text covers `text` (binary search on decoded length)."""

@@ -100,6 +100,35 @@ def test_streamed_text_adds_up_to_the_completion_and_never_shows_a_stop(words):
   assert sum(bool(p) for p in streamed[(0, ())][0]) > 2  # several blocks of text, not one
 
 
+def test_a_block_s_texts_go_out_while_the_next_block_computes(words):
+  """Deltas and completions are emitted after the next block is dispatched (one block in
+  flight), so decoding and the consumers never keep the device waiting; only what the last
+  block left goes out with nothing in flight. Texts still add up to each completion."""
+  path, params, tok = words
+  o = SamplingOptions(gen_length=16, block_length=4, steps=4)
+  eng = engine.Engine(WORD_CFG, params, tokenizer=tok, slots=2, buckets=(16,))
+  dispatched, seen = [0], []
+  program = eng.program
+
+  def counting(*args, **kw):
+    run = program(*args, **kw)
+    def counted(*a):
+      dispatched[0] += 1
+      return run(*a)
+    return counted
+  eng.program = counting
+  reqs = [engine.Request(i, tuple(tok.encode(p)), o, max_new_tokens=n, seed=i)
+          for i, (p, n) in enumerate((('w1 w2', 16), ('w3', 6)))]
+  handles = [eng.submit(r, stream=True, on_event=lambda ev, i=i: seen.append(
+      (i, dispatched[0] - eng.stats.blocks, ev))) for i, r in enumerate(reqs)]
+  while not all(h.done for h in handles):
+    eng.scheduler.step()
+  assert [ahead for _, ahead, _ in seen] == [1] * (len(seen) - 1) + [0]
+  assert [i for i, _, ev in seen if ev.completion is not None] == [1, 0] and len(seen) >= 4
+  for i, h in enumerate(handles):
+    assert ''.join(ev.text for j, _, ev in seen if j == i) == h.completion.text
+
+
 def test_a_cancelled_request_frees_its_slot_at_the_next_block(words):
   path, params, tok = words
   o = SamplingOptions(gen_length=48, block_length=4, steps=48)
