@@ -111,6 +111,8 @@ class Handle:
         return
 
   def _emit(self, event: Event) -> None:
+    if self.finished is not None:
+      return  # a request ends once: nothing follows its completion or error
     if event.completion is not None or event.error is not None:
       self.finished = time.perf_counter()
       self.completion, self.error = event.completion, event.error

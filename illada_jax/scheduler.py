@@ -386,22 +386,28 @@ class Scheduler:
     more. Returns whether there was anything."""
     texts, self._texts = self._texts, []
     for x, reason, ids, text in texts:
-      h, req = x.handle, x.request
-      if h.done:
+      if x.handle.done:
         continue
-      text = self.engine.decode(ids) if text is None else text
-      if reason is not None:
-        if req.options.after_think:
-          text = end_think.answer(text, req.options.end_think, self.engine.tokenizer)
-        done = Completion(id=req.id, text=text, token_ids=ids, finish_reason=reason,
-                          generated=len(x.tokens), steps=x.steps)
-        h._emit(Event(text[len(h._sent):] if h.stream else '', completion=done))
-        continue
-      safe = text[:len(text) - held_back(text, req.stop)]
-      if len(safe) > len(h._sent) and safe.startswith(h._sent):
-        delta, h._sent = safe[len(h._sent):], safe
-        h._emit(Event(delta))
+      try:
+        self._hand_out_one(x, reason, ids, text)
+      except Exception as e:  # noqa: BLE001 (its text failed: that request alone ends)
+        x.handle._emit(Event('', error=e))
     return bool(texts)
+
+  def _hand_out_one(self, x: _Live, reason: str | None, ids: list, text: str | None) -> None:
+    h, req = x.handle, x.request
+    text = self.engine.decode(ids) if text is None else text
+    if reason is not None:
+      if req.options.after_think:
+        text = end_think.answer(text, req.options.end_think, self.engine.tokenizer)
+      done = Completion(id=req.id, text=text, token_ids=ids, finish_reason=reason,
+                        generated=len(x.tokens), steps=x.steps)
+      h._emit(Event(text[len(h._sent):] if h.stream else '', completion=done))
+      return
+    safe = text[:len(text) - held_back(text, req.stop)]
+    if len(safe) > len(h._sent) and safe.startswith(h._sent):
+      delta, h._sent = safe[len(h._sent):], safe
+      h._emit(Event(delta))
 
   def _ids_behind(self, ids, text: str) -> list:
     """The shortest prefix of `ids` whose text covers `text` (binary search on decoded length)."""

@@ -129,6 +129,34 @@ def test_a_block_s_texts_go_out_while_the_next_block_computes(words):
     assert ''.join(ev.text for j, _, ev in seen if j == i) == h.completion.text
 
 
+def test_a_request_whose_text_fails_to_decode_ends_alone(words):
+  """A completion handed out while the next block computes is no longer in the pool: if its
+  text cannot be made, that request ends with the error and every other one finishes."""
+  path, params, tok = words
+  o = SamplingOptions(gen_length=16, block_length=4, steps=4)
+  eng = engine.Engine(WORD_CFG, params, tokenizer=tok, slots=2, buckets=(16,))
+  decode, calls = eng.decode, []
+
+  def failing_first(ids):
+    calls.append(list(ids))
+    if len(calls) == 1:
+      raise UnicodeDecodeError('utf-8', b'\xff', 0, 1, 'test')
+    return decode(ids)
+  eng.decode = failing_first
+  short = engine.Request('short', tuple(tok.encode('w3')), o, max_new_tokens=4, seed=1)
+  long = engine.Request('long', tuple(tok.encode('w1 w2')), o, max_new_tokens=16, seed=2)
+  eng.start()
+  try:
+    hs, hl = eng.submit(short), eng.submit(long)
+    with pytest.raises(UnicodeDecodeError):
+      hs.result(timeout=120)
+    done = hl.result(timeout=120)
+  finally:
+    eng.stop()
+  assert done.finish_reason in ('length', 'eos') and done.text == decode(done.token_ids)
+  assert eng.scheduler.idle()
+
+
 def test_a_cancelled_request_frees_its_slot_at_the_next_block(words):
   path, params, tok = words
   o = SamplingOptions(gen_length=48, block_length=4, steps=48)
