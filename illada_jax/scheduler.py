@@ -5,10 +5,11 @@ cancelled requests, admits waiting ones into free slots (the pool starts at
 its smallest prompt bucket and is widened when the waiting requests no longer
 fit), runs the block program once, releases the requests it finished, and,
 while the next block computes, hands each request the text its block committed
-(the device does not wait on decoding or on the consumers of the events). `Engine.generate` (jobs, lm-eval)
-calls `step()` in the caller's thread until its requests are done; a server
-calls `Engine.start()`, and a thread calls `step()` for as long as it runs.
-Either way there is one loop and one owner of the device.
+(the device does not wait on decoding or on the consumers of the events).
+`Engine.generate` (jobs, lm-eval) calls `step()` in the caller's thread until
+its requests are done; a server calls `Engine.start()`, and a thread calls
+`step()` for as long as it runs. Either way there is one loop and one owner
+of the device.
 
 A pool serves one settings group at a time: the settings that change the
 program (`SamplingOptions.program_key`, except the temperature: a block runs

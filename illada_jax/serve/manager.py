@@ -216,7 +216,8 @@ class RequestManager:
   def _too_long(self, ctx: tuple, o: ScoringOptions) -> str | None:
     """'context' if the context could not be scored with any continuation, else None."""
     try:
-      self.engine.check_score(engine_lib.ScoreRequest(0, ctx, (self.engine.cfg.eos_token_id,), o, 0))
+      shortest = (self.engine.cfg.eos_token_id,)
+      self.engine.check_score(engine_lib.ScoreRequest(0, ctx, shortest, o, 0))
     except ValueError:
       return 'context'
     return None
