@@ -150,7 +150,7 @@ def scoring_requests(engine: engine_lib.Engine, tokenizer, fmt: PromptFormat,
         result['greedy'] = [got[j].is_greedy for j in range(len(reqs))]
       if choices:
         result['prediction'] = max(range(len(scores)), key=scores.__getitem__)
-      if choices and isinstance(answer, int) and not isinstance(answer, bool):
+      if choices and _is_int(answer):
         result['correct'] = result['prediction'] == answer
       tokens = sum(len(q.continuation_ids) for q in reqs)
       yield rid, result, tokens, tokens
